@@ -1,0 +1,50 @@
+// Argument validation shared by every backend of the moka ops.
+//
+// Every kernel entry point calls these before it touches a pointer, so a bad
+// call raises a c10::Error (RuntimeError in Python) naming the argument, what
+// was expected and what was given, on every device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace moka {
+
+// Factor shapes of one group of stacked components: A (r, ma, na), B (r, mb, nb).
+struct GroupShape {
+  int64_t r, ma, na, mb, nb;
+  int64_t gate_offset;  // index of the group's first component in `gates`
+};
+
+struct KronMixShape {
+  int64_t tokens;  // product of x's leading dims
+  int64_t in, out;
+  int64_t components;  // sum of r over groups == gates.numel()
+  std::vector<GroupShape> groups;
+};
+
+// Validates (x, A, B, gates) against the op contract and returns the shapes.
+// `op` names the calling op in messages.
+KronMixShape check_kron_mix_args(
+    const char* op,
+    const at::Tensor& x,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates);
+
+// Checks that `t` has shape (*x.shape[:-1], out), dtype and device of x.
+void check_like_output(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    const at::Tensor& x,
+    int64_t out);
+
+void check_gate_softmax_args(
+    const char* op,
+    const at::Tensor& logits,
+    double temperature);
+
+}  // namespace moka
