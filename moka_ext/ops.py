@@ -40,23 +40,35 @@ def gate_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
 # ---------------------------------------------------------------- fake kernels
 
 
-def _out_shape(x: Tensor, A: Sequence[Tensor], B: Sequence[Tensor]) -> tuple:
-    torch._check(len(A) == len(B) and len(A) > 0, lambda: "kron_mix: len(A) must equal len(B) >= 1")
+def _out_shape(op: str, x: Tensor, A: Sequence[Tensor], B: Sequence[Tensor], gates: Tensor) -> tuple:
+    # The C++ kernels validate everything; a fake only needs what it reads, plus
+    # the device check, since mixed devices would dispatch here (Meta) instead.
+    torch._check(
+        len(A) == len(B) and len(A) > 0,
+        lambda: f"{op}: A and B must be lists of equal length >= 1, got len(A)={len(A)} and len(B)={len(B)}",
+    )
+    named = [(f"A[{j}]", a) for j, a in enumerate(A)] + [(f"B[{j}]", b) for j, b in enumerate(B)]
+    for name, t in named + [("gates", gates)]:
+        torch._check(
+            t.device == x.device,
+            lambda: f"{op}: {name} must be on the device of x ({x.device}), got {t.device}",
+        )
     return (*x.shape[:-1], A[0].shape[1] * B[0].shape[1])
 
 
 @torch.library.register_fake("moka::kron_mix")
 def _kron_mix_fake(x, A, B, gates):
-    return x.new_empty(_out_shape(x, A, B))
+    return x.new_empty(_out_shape("kron_mix", x, A, B, gates))
 
 
 @torch.library.register_fake("moka::kron_mix_add")
 def _kron_mix_add_fake(base, x, A, B, gates):
-    return x.new_empty(_out_shape(x, A, B))
+    return x.new_empty(_out_shape("kron_mix_add", x, A, B, gates))
 
 
 @torch.library.register_fake("moka::kron_mix_backward")
 def _kron_mix_backward_fake(grad_y, x, A, B, gates):
+    _out_shape("kron_mix_backward", x, A, B, gates)
     return (
         x.new_empty(x.shape),
         [a.new_empty(a.shape) for a in A],

@@ -22,7 +22,8 @@ def delta_weight(A: Sequence[Tensor], B: Sequence[Tensor], gates: Tensor) -> Ten
     i = 0
     for Aj, Bj in zip(A, B):
         for k in range(Aj.shape[0]):
-            term = gates[i] * torch.kron(Aj[k], Bj[k])
+            # torch.kron raises on some non-contiguous inputs (torch 2.14).
+            term = gates[i] * torch.kron(Aj[k].contiguous(), Bj[k].contiguous())
             dW = term if dW is None else dW + term
             i += 1
     return dW
