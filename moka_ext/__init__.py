@@ -57,8 +57,10 @@ def __dir__():
 
 
 def _register_with_peft() -> None:
+    # Importing the config registers the method; if the config module is the
+    # one importing peft right now, it registers itself when it finishes.
     try:
-        importlib.import_module(".peft_method", __name__).register()
+        importlib.import_module(".config", __name__)
     except Exception as e:  # never break the user's `import peft`
         warnings.warn(f"moka_ext: could not register MoKA as a PEFT method: {e!r}")
 

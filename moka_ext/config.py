@@ -117,7 +117,7 @@ class MoKAConfig(_ConfigBase):
         if HAVE_PEFT:
             from .peft_method import register
 
-            self.peft_type = register()
+            self.peft_type = register()  # idempotent; the PEFT type this config names
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(self.target_modules)
         if self.target_modules is None or (not isinstance(self.target_modules, str) and len(self.target_modules) == 0):
@@ -149,7 +149,9 @@ class MoKAConfig(_ConfigBase):
                 values = dict(values)
                 if "shapes" in values:
                     values["shapes"] = _normalize_shapes_spec(f"overrides[{pattern!r}]['shapes']", values["shapes"])
-                merged = {**self._base_settings_dict(), **values}
+                # The base shapes may be per-pattern for other modules; check the
+                # override's own shapes here, the combination at apply time.
+                merged = {**self._base_settings_dict(), "shapes": "auto", **values}
                 _check_settings(f"MoKAConfig: overrides[{pattern!r}]", merged)
                 normalized[pattern] = values
             self.overrides = normalized
@@ -349,3 +351,11 @@ def choose_shapes(
             f"but r={r}; lower r, raise budget or give explicit shapes"
         )
     return picked
+
+
+if HAVE_PEFT:
+    # Importing the config makes MoKA a PEFT method (also reached from the
+    # import hook in moka_ext/__init__.py when peft is imported later).
+    from .peft_method import register as _register
+
+    _register()

@@ -93,6 +93,8 @@ def is_targeted(config: MoKAConfig, name: str) -> bool:
 
 def _resolve_shapes(settings: ModuleSettings, out_f: int, in_f: int, name: str) -> tuple:
     try:
+        if settings.shapes != "auto" and len(settings.shapes) != settings.r:
+            raise ValueError(f"shapes lists {len(settings.shapes)} components but r={settings.r}")
         if settings.shapes == "auto":
             shapes = choose_shapes(out_f, in_f, settings.r, settings.variant, settings.budget)
         else:
