@@ -1,8 +1,9 @@
 """MoKAConfig and the choice of Kronecker factor shapes.
 
-Owns: the user-facing configuration (validated when built), its per-module
-resolution (regex overrides, explicit shapes per module pattern) and the
-``"auto"`` factor-shape selection. Nothing here touches a model.
+Owns: the user-facing configuration (validated when built) and its
+per-module resolution (regex overrides, explicit shapes per module pattern).
+The ``"auto"`` shape choice itself lives in ``shapes.py``. Nothing here
+touches a model.
 
 ``MoKAConfig`` is a dataclass. When PEFT is installed it subclasses
 ``peft.PeftConfig`` so the same object can be passed to ``peft.get_peft_model``
@@ -16,6 +17,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+from .shapes import VARIANTS
 
 try:  # PEFT is optional: the adapter layer works without it.
     from peft import PeftConfig as _ConfigBase
@@ -38,12 +41,9 @@ except ImportError:  # pragma: no cover - exercised only without peft installed
             return dataclasses.asdict(self)
 
 
-__all__ = ["MoKAConfig", "ModuleSettings", "choose_shapes", "validate_shape", "LLAMA_TARGET_MODULES"]
-
-Shape = tuple[int, int, int, int]  # (ma, na, mb, nb): A is ma x na, B is mb x nb
+__all__ = ["MoKAConfig", "ModuleSettings", "LLAMA_TARGET_MODULES"]
 
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("moka", "mokas")
 INITS = ("zero_b", "zero_a", "random")
 # Fields a per-module override may change (everything that shapes one layer).
 OVERRIDABLE = ("r", "shapes", "variant", "gating", "temperature", "scale", "dropout", "init", "budget")
@@ -258,104 +258,12 @@ def _check_settings(where: str, v: dict) -> None:
                         )
 
 
-# ------------------------------------------------------------ shape selection
-
-
-def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
-
-
-def validate_shape(shape, out_features: int, in_features: int, variant: str, where: str = "shape") -> Shape:
-    """Check that ``shape`` factors an ``out x in`` layer; return it as a tuple."""
-    ma, na, mb, nb = shape
-    if ma * mb != out_features or na * nb != in_features:
-        raise ValueError(
-            f"{where}: (ma, na, mb, nb)={tuple(shape)} does not factor a {out_features} x {in_features} layer "
-            f"(needs ma*mb == {out_features} and na*nb == {in_features}, got {ma * mb} and {na * nb})"
-        )
-    if variant == "mokas" and ma != na:
-        raise ValueError(f"{where}: variant='mokas' needs (k, k, out/k, in/k), got {tuple(shape)}")
-    return (ma, na, mb, nb)
-
-
-def shape_cost(shape: Shape, variant: str = "moka") -> int:
-    """Trainable parameters of one component (MoKAs trains only B)."""
-    ma, na, mb, nb = shape
-    return mb * nb if variant == "mokas" else ma * na + mb * nb
-
-
-def default_budget(out_features: int, in_features: int, r: int) -> int:
-    # Twice the cost of r perfectly balanced components (sqrt(out) x sqrt(in) factors).
-    return int(4 * r * math.sqrt(out_features * in_features))
-
-
-def choose_shapes(
-    out_features: int, in_features: int, r: int, variant: str = "moka", budget: Optional[int] = None
-) -> list[Shape]:
-    """Pick r different, non-degenerate factor shapes for an ``out x in`` layer within ``budget``.
-
-    MoKA: a component's rank is ``min(ma, na) * min(mb, nb)`` and its cost
-    ``ma*na + mb*nb``; candidates (all four dims >= 2, so no 1 x n factor)
-    within ``budget / r`` are taken by highest rank, then lowest cost, keeping
-    every A shape and every B shape distinct across components so that the
-    components see the weight at different granularities. MoKAs: the block
-    count k (a common divisor, k >= 2, blocks at least 2 x 2) closest to
-    ``(out*in) ** 0.25`` first, all k distinct. Deterministic.
-    """
-    if budget is None and variant != "mokas":
-        budget = default_budget(out_features, in_features, r)
-    # MoKAs' block-diagonal update has full rank for every k, so by default only
-    # the nearness to a balanced block size decides, with no cap.
-    cap = math.inf if budget is None else budget / r
-    what = f"a {out_features} x {in_features} layer"
-    if variant == "mokas":
-        ks = [
-            k
-            for k in _divisors(math.gcd(out_features, in_features))
-            if k >= 2 and out_features // k >= 2 and in_features // k >= 2
-        ]
-        target = (out_features * in_features) ** 0.25
-        ks.sort(key=lambda k: (abs(math.log(k / target)), -k))
-        picked = [(k, k, out_features // k, in_features // k) for k in ks]
-        picked = [s for s in picked if shape_cost(s, variant) <= cap][:r]
-        if len(picked) < r:
-            raise ValueError(
-                f"shapes='auto': {what} has only {len(picked)} MoKAs block sizes k (k >= 2 dividing both dims) "
-                f"with at most {cap:.0f} parameters per component (budget={budget}), but r={r}; lower r or raise budget"
-            )
-        return picked
-    if variant != "moka":
-        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
-    cands = [
-        (ma, na, out_features // ma, in_features // na)
-        for ma in _divisors(out_features)
-        for na in _divisors(in_features)
-    ]
-    cands = [s for s in cands if min(s) >= 2 and shape_cost(s) <= cap]
-    cands.sort(key=lambda s: (-(min(s[0], s[1]) * min(s[2], s[3])), shape_cost(s), s))
-    picked: list[Shape] = []
-    for strict in (True, False):
-        for s in cands:
-            if len(picked) == r:
-                break
-            if s in picked:
-                continue
-            if strict and any(s[:2] == p[:2] or s[2:] == p[2:] for p in picked):
-                continue
-            picked.append(s)
-    if len(picked) < r:
-        raise ValueError(
-            f"shapes='auto': {what} has only {len(picked)} distinct non-degenerate factor shapes "
-            f"(all of ma, na, mb, nb >= 2) within {cap:.0f} parameters per component (budget={budget}), "
-            f"but r={r}; lower r, raise budget or give explicit shapes"
-        )
-    return picked
-
 
 if HAVE_PEFT:
     # Importing the config makes MoKA a PEFT method (also reached from the
     # import hook in moka_ext/__init__.py when peft is imported later).
-    from .peft_method import register as _register
+    # (peft_method registers at its end; importing it here may find it
+    # half-imported when it is the module importing peft right now.)
+    import importlib as _importlib
 
-    _register()
+    _importlib.import_module(__package__ + ".peft_method")

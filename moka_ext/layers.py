@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from .config import Shape, choose_shapes, validate_shape
+from .shapes import Shape, choose_shapes, validate_shape
 from .ops import gate_softmax, kron_mix_add
 
 try:  # bitsandbytes is optional: plain nn.Linear bases need none of it.

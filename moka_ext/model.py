@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import MoKAConfig, ModuleSettings, choose_shapes, shape_cost, validate_shape
+from .config import MoKAConfig, ModuleSettings
+from .shapes import choose_shapes, shape_cost, validate_shape
 from .layers import MoKALinear, adapter_tensor_shapes, base_kind
 
 __all__ = [

@@ -146,3 +146,6 @@ def register():
         register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=MoKAConfig, model_cls=MoKAModel)
     _REGISTERED = member
     return member
+
+
+register()

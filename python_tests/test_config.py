@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moka_ext import MoKAConfig, apply_moka
-from moka_ext.config import LLAMA_TARGET_MODULES, choose_shapes, default_budget, shape_cost
+from moka_ext.config import LLAMA_TARGET_MODULES
+from moka_ext.shapes import choose_shapes, default_budget, shape_cost
 
 # Every hidden / intermediate / kv dimension of LLaMA(-2, -3) and SmolLM2.
 LLAMA_DIMS = [4096, 11008, 14336, 1024, 576, 1536, 192]
