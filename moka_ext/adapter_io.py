@@ -28,7 +28,7 @@ from ._version import __version__
 from .config import MOKA_FIELDS, MoKAConfig
 from .model import apply_moka, moka_layers, plan_moka
 
-__all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME", "AdapterFileError"]
+__all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME", "AdapterFileError", "SaveAdapterCallback"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -268,3 +268,27 @@ def _check_layout(stored: dict, have: dict) -> None:
                 raise AdapterFileError(
                     f"load_adapter: module {name!r}: {k} is {got.get(k)!r} in the adapter, {want[k]!r} in the model"
                 )
+
+
+try:  # transformers is optional; the callback exists only with it.
+    from transformers import TrainerCallback as _TrainerCallback
+except ImportError:  # pragma: no cover
+    _TrainerCallback = object
+
+
+class SaveAdapterCallback(_TrainerCallback):
+    """A ``transformers.Trainer`` callback writing the MoKA adapter into every checkpoint.
+
+    For models patched with ``apply_moka`` (the Trainer saves a ``PeftModel``'s
+    adapter by itself): ``<output_dir>/checkpoint-<step>/<subdir>/``, loadable
+    with ``load_adapter``.
+    """
+
+    def __init__(self, subdir: str = "moka_adapter") -> None:
+        self.subdir = subdir
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and model is not None:
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_adapter(model, os.path.join(ckpt, self.subdir))
+        return control
