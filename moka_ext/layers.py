@@ -391,7 +391,7 @@ def _set_quantized_weight(base: nn.Module, kind: str, W: Tensor) -> None:
         )
         base.quant_state = new_qs
     else:
-        CB, SCB, _ = _bnb.functional.int8_vectorwise_quant(W.to(torch.float16).float())
+        CB, SCB, _ = _bnb.functional.int8_vectorwise_quant(W.float().contiguous())
         base.weight = _bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False)
         base.weight.CB, base.weight.SCB = CB, SCB
         base.state.CB, base.state.SCB = CB, SCB

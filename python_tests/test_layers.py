@@ -282,3 +282,44 @@ def test_equivalent_to_peft_lokr_with_r1_no_gating_full_factors():
     x = torch.randn(6, 64)
     torch.testing.assert_close(m(x), lokr(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.delta_weight(), layer.get_delta_weight("default"), rtol=0, atol=0)
+
+
+def test_dropout_applies_to_the_adapter_input_in_training_only():
+    torch.manual_seed(10)
+    lin = torch.nn.Linear(64, 32)
+    m = MoKALinear(lin, r=2, init="random", dropout=0.5)
+    x = torch.randn(16, 64)
+    m.eval()
+    torch.testing.assert_close(m(x), _dense_ref(x, lin.weight, lin.bias, m), rtol=1e-5, atol=1e-5)
+    m.train()
+    torch.manual_seed(11)
+    y = m(x)
+    torch.manual_seed(11)
+    xd = torch.nn.functional.dropout(x, 0.5, training=True)
+    # base sees the full input, the adapter the dropped one
+    want = lin(x) + (_dense_ref(xd, torch.zeros_like(lin.weight), None, m))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_merge_requantizes_and_unmerge_restores():
+    torch.manual_seed(12)
+    q = _int8(torch.nn.Linear(64, 32))
+    m = MoKALinear(q, r=2, init="random")
+    with torch.no_grad():
+        for p in m.moka_B:
+            p.mul_(0.05)
+    CB0 = (q.weight.CB if q.weight.CB is not None else q.state.CB).clone()
+    SCB0 = (q.weight.SCB if q.weight.SCB is not None else q.state.SCB)
+    target = bnb.functional.int8_vectorwise_dequant(CB0, SCB0).float() + m.delta_weight().detach()
+    x = torch.randn(4, 64)
+    y = m(x)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        m.merge()
+    CB, SCB = q.weight.CB if q.weight.CB is not None else q.state.CB, q.weight.SCB if q.weight.SCB is not None else q.state.SCB
+    merged_W = bnb.functional.int8_vectorwise_dequant(CB, SCB).float()
+    # int8 rounding: at most half a step (row absmax / 127) per entry
+    step = target.abs().amax(dim=1, keepdim=True) / 127
+    assert ((merged_W - target).abs() <= 0.5 * step + 1e-3 * step).all()
+    assert (m(x) - y).abs().max() < 0.05 * y.abs().max()
+    m.unmerge()
+    assert torch.equal(q.weight.CB if q.weight.CB is not None else q.state.CB, CB0)

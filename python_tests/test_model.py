@@ -188,3 +188,26 @@ def test_int8_base_trains():
         assert len(_moka(model)) == N_TARGETS
         losses = _train(model, steps=6)
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_bf16_compute_nf4_model_and_autocast_train_with_float32_adapters():
+    import tiny_llama as T
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(
+        T._saved_dir(), device_map="cpu", dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16))
+    apply_moka(model, MoKAConfig(r=2))
+    out = model(**batch())
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.moka_B[0].dtype == torch.float32 and q.moka_B[0].grad.abs().sum() > 0
+
+    fp = apply_moka(tiny_llama("nf4"), MoKAConfig(r=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fp(**batch())
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert fp.model.layers[1].mlp.down_proj.moka_B[1].grad.abs().sum() > 0
