@@ -19,7 +19,6 @@ import json
 import os
 import tempfile
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
@@ -34,7 +33,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "moka_ext.adapter"
 FORMAT_VERSION = 1
-_FLOAT_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
 
 
 class AdapterFileError(ValueError):

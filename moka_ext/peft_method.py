@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
 from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer

@@ -1,6 +1,5 @@
 """MoKALinear against independent references: moka_ext.reference, bitsandbytes' own
 dequantization, and PEFT's LoKr layer."""
-import math
 
 import pytest
 import torch

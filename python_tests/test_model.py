@@ -10,7 +10,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import moka_ext  # noqa: E402
 from moka_ext import MoKAConfig, MoKALinear, apply_moka, merge_and_unload, moka_summary, trainable_parameters  # noqa: E402
-from tiny_llama import LAYERS, N_TARGETS, batch, tiny_llama  # noqa: E402
+from tiny_llama import N_TARGETS, batch, tiny_llama  # noqa: E402
 
 
 def _moka(model):

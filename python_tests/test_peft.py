@@ -7,7 +7,6 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-import moka_ext  # noqa: E402
 from moka_ext import MoKAConfig, MoKALinear, apply_moka, load_adapter, trainable_parameters  # noqa: E402
 from moka_ext.adapter_io import SaveAdapterCallback  # noqa: E402
 from tiny_llama import N_TARGETS, batch, tiny_llama  # noqa: E402
