@@ -108,21 +108,23 @@ class MoKAModel(BaseTuner):
     def _create_and_replace(self, moka_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, MoKALinear):
             raise ValueError(f"module {current_key!r} already carries a MoKA adapter (one adapter per model)")
-        # PEFT hands us the full key under the PeftModel; resolve overrides on the model's own names.
         s = moka_config.resolve(current_key)
-        new = PeftMoKALinear(
-            target,
-            adapter_name,
-            r=s.r,
-            shapes=s.shapes,
-            variant=s.variant,
-            gating=s.gating,
-            temperature=s.temperature,
-            scale=s.scale,
-            dropout=s.dropout,
-            init=s.init,
-            budget=s.budget,
-        )
+        try:
+            new = PeftMoKALinear(
+                target,
+                adapter_name,
+                r=s.r,
+                shapes=s.shapes,
+                variant=s.variant,
+                gating=s.gating,
+                temperature=s.temperature,
+                scale=s.scale,
+                dropout=s.dropout,
+                init=s.init,
+                budget=s.budget,
+            )
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"MoKA: module {current_key!r}: {e}") from None
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)

@@ -78,6 +78,11 @@ def test_get_peft_model_save_pretrained_from_pretrained_round_trip(tmp_path):
     assert {n for n, p in trainable_again.named_parameters() if p.requires_grad} == trainable
 
 
+def test_peft_rejects_a_bad_shape_naming_the_module():
+    with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.k_proj'.*does not factor a 32 x 64 layer"):
+        get_peft_model(tiny_llama(), MoKAConfig(r=1, shapes={"k_proj": [(8, 8, 8, 8)]}))
+
+
 def test_peft_merge_and_unload_full_precision():
     model = get_peft_model(tiny_llama(), MoKAConfig(r=2))
     _randomize(model)
