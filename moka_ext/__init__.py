@@ -43,7 +43,12 @@ _ADAPTER_API = {
 }
 
 
+_SUBMODULES = {"adapter_io", "config", "layers", "model", "peft_method", "shapes"}
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:  # e.g. moka_ext.adapter_io.SaveAdapterCallback before any import of it
+        return importlib.import_module(f".{name}", __name__)
     sub = _ADAPTER_API.get(name)
     if sub is None:
         raise AttributeError(f"module 'moka_ext' has no attribute {name!r}")
