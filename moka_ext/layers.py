@@ -133,9 +133,6 @@ class MoKALinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base_kind = base_kind(base_layer)
-        if self.base_kind == "linear4bit":
-            _undo_cpu_inference_packing(base_layer)
-        self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         if variant not in ("moka", "mokas"):
@@ -152,6 +149,9 @@ class MoKALinear(nn.Module):
         ]
         if len(shapes) != r:
             raise ValueError(f"MoKALinear: got {len(shapes)} shapes for r={r}; give exactly r shapes")
+        if self.base_kind == "linear4bit":  # (only once the settings are known to be valid)
+            _undo_cpu_inference_packing(base_layer)
+        self.base_layer = base_layer
         self.r = r
         self.variant = variant
         self.gating = gating
