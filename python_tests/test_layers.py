@@ -322,3 +322,17 @@ def test_int8_merge_requantizes_and_unmerge_restores():
     assert (m(x) - y).abs().max() < 0.05 * y.abs().max()
     m.unmerge()
     assert torch.equal(q.weight.CB if q.weight.CB is not None else q.state.CB, CB0)
+
+
+def test_compiles_without_graph_breaks():
+    torch.manual_seed(13)
+    m = MoKALinear(torch.nn.Linear(64, 32), r=3, init="random")
+    x = torch.randn(4, 64, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")  # aot_eager: no C++ build on CPU CI
+    y = compiled(x)
+    y.pow(2).sum().backward()
+    g = m.moka_A[0].grad.clone()
+    m.zero_grad()
+    torch.testing.assert_close(y, m(x), rtol=0, atol=0)
+    m(x).pow(2).sum().backward()
+    torch.testing.assert_close(g, m.moka_A[0].grad, rtol=1e-6, atol=1e-6)
