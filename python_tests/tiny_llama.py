@@ -1,7 +1,9 @@
 """Tiny random LLaMA models for the adapter tests (no hub: built in-process)."""
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 
 import torch
@@ -32,6 +34,7 @@ def _saved_dir() -> str:
     torch.manual_seed(1234)
     model = LlamaForCausalLM(llama_config())
     d = tempfile.mkdtemp(prefix="moka_tiny_llama_")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     model.save_pretrained(d)
     return d
 
