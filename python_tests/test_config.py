@@ -111,3 +111,23 @@ def test_config_json_round_trip():
     again = MoKAConfig(**json.loads(json.dumps(c.moka_dict())))
     assert again.moka_dict() == c.moka_dict()
     assert again.shapes == [(8, 8, 8, 8), (4, 8, 16, 8)]
+
+
+def test_auto_shapes_property_any_dims():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=200, deadline=None)
+    @hypothesis.given(out_f=st.integers(2, 5000), in_f=st.integers(2, 5000), r=st.integers(1, 6),
+                      variant=st.sampled_from(["moka", "mokas"]))
+    def check(out_f, in_f, r, variant):
+        try:
+            shapes = choose_shapes(out_f, in_f, r, variant)
+        except ValueError as e:
+            assert "shapes='auto'" in str(e) and f"r={r}" in str(e)
+            return
+        assert len(set(shapes)) == r
+        for ma, na, mb, nb in shapes:
+            assert ma * mb == out_f and na * nb == in_f and min(ma, na, mb, nb) >= 2
+
+    check()
