@@ -1,0 +1,108 @@
+"""Kronecker factor shapes: validation and the ``"auto"`` choice.
+
+Owns: what a component shape ``(ma, na, mb, nb)`` is (A: ma x na, B: mb x nb,
+``ma*mb == out``, ``na*nb == in``), its parameter cost, and ``choose_shapes``,
+which picks diverse, non-degenerate shapes for a layer under a parameter
+budget. Pure arithmetic: no torch, no model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = ["Shape", "VARIANTS", "choose_shapes", "default_budget", "shape_cost", "validate_shape"]
+
+Shape = tuple[int, int, int, int]  # (ma, na, mb, nb)
+VARIANTS = ("moka", "mokas")
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def validate_shape(shape, out_features: int, in_features: int, variant: str, where: str = "shape") -> Shape:
+    """Check that ``shape`` factors an ``out x in`` layer; return it as a tuple."""
+    ma, na, mb, nb = shape
+    if ma * mb != out_features or na * nb != in_features:
+        raise ValueError(
+            f"{where}: (ma, na, mb, nb)={tuple(shape)} does not factor a {out_features} x {in_features} layer "
+            f"(needs ma*mb == {out_features} and na*nb == {in_features}, got {ma * mb} and {na * nb})"
+        )
+    if variant == "mokas" and ma != na:
+        raise ValueError(f"{where}: variant='mokas' needs (k, k, out/k, in/k), got {tuple(shape)}")
+    return (ma, na, mb, nb)
+
+
+def shape_cost(shape: Shape, variant: str = "moka") -> int:
+    """Trainable parameters of one component (MoKAs trains only B)."""
+    ma, na, mb, nb = shape
+    return mb * nb if variant == "mokas" else ma * na + mb * nb
+
+
+def default_budget(out_features: int, in_features: int, r: int) -> int:
+    # Twice the cost of r perfectly balanced components (sqrt(out) x sqrt(in) factors).
+    return int(4 * r * math.sqrt(out_features * in_features))
+
+
+def choose_shapes(
+    out_features: int, in_features: int, r: int, variant: str = "moka", budget: Optional[int] = None
+) -> list[Shape]:
+    """Pick r different, non-degenerate factor shapes for an ``out x in`` layer within ``budget``.
+
+    MoKA: a component's rank is ``min(ma, na) * min(mb, nb)`` and its cost
+    ``ma*na + mb*nb``; candidates (all four dims >= 2, so no 1 x n factor)
+    within ``budget / r`` are taken by highest rank, then lowest cost, keeping
+    every A shape and every B shape distinct across components so that the
+    components see the weight at different granularities. MoKAs: the block
+    count k (a common divisor, k >= 2, blocks at least 2 x 2) closest to
+    ``(out*in) ** 0.25`` first, all k distinct. Deterministic.
+    """
+    if budget is None and variant != "mokas":
+        budget = default_budget(out_features, in_features, r)
+    # MoKAs' block-diagonal update has full rank for every k, so by default only
+    # the nearness to a balanced block size decides, with no cap.
+    cap = math.inf if budget is None else budget / r
+    what = f"a {out_features} x {in_features} layer"
+    if variant == "mokas":
+        ks = [
+            k
+            for k in _divisors(math.gcd(out_features, in_features))
+            if k >= 2 and out_features // k >= 2 and in_features // k >= 2
+        ]
+        target = (out_features * in_features) ** 0.25
+        ks.sort(key=lambda k: (abs(math.log(k / target)), -k))
+        picked = [(k, k, out_features // k, in_features // k) for k in ks]
+        picked = [s for s in picked if shape_cost(s, variant) <= cap][:r]
+        if len(picked) < r:
+            raise ValueError(
+                f"shapes='auto': {what} has only {len(picked)} MoKAs block sizes k (k >= 2 dividing both dims) "
+                f"with at most {cap:.0f} parameters per component (budget={budget}), but r={r}; lower r or raise budget"
+            )
+        return picked
+    if variant != "moka":
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+    cands = [
+        (ma, na, out_features // ma, in_features // na)
+        for ma in _divisors(out_features)
+        for na in _divisors(in_features)
+    ]
+    cands = [s for s in cands if min(s) >= 2 and shape_cost(s) <= cap]
+    cands.sort(key=lambda s: (-(min(s[0], s[1]) * min(s[2], s[3])), shape_cost(s), s))
+    picked: list[Shape] = []
+    for strict in (True, False):
+        for s in cands:
+            if len(picked) == r:
+                break
+            if s in picked:
+                continue
+            if strict and any(s[:2] == p[:2] or s[2:] == p[2:] for p in picked):
+                continue
+            picked.append(s)
+    if len(picked) < r:
+        raise ValueError(
+            f"shapes='auto': {what} has only {len(picked)} distinct non-degenerate factor shapes "
+            f"(all of ma, na, mb, nb >= 2) within {cap:.0f} parameters per component (budget={budget}), "
+            f"but r={r}; lower r, raise budget or give explicit shapes"
+        )
+    return picked

@@ -1,0 +1,213 @@
+"""apply_moka / trainable_parameters / moka_summary / merge_and_unload on tiny random LLaMA models
+(full precision, NF4 and int8 through transformers' BitsAndBytesConfig, on CPU)."""
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes")
+
+import moka_ext  # noqa: E402
+from moka_ext import MoKAConfig, MoKALinear, apply_moka, merge_and_unload, moka_summary, trainable_parameters  # noqa: E402
+from tiny_llama import N_TARGETS, batch, tiny_llama  # noqa: E402
+
+
+def _moka(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoKALinear)}
+
+
+def _randomize(model, scale=0.05, seed=0):
+    """Give every adapter a non-zero dW (training would do this)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in _moka(model).values():
+            for n, p in m.named_parameters():
+                if n.startswith("moka_"):
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_nf4_model_wraps_every_projection_and_freezes_the_base():
+    model = tiny_llama("nf4")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        before = model(ids).logits
+    out = apply_moka(model, MoKAConfig(r=2))
+    assert out is model
+    layers = _moka(model)
+    assert len(layers) == N_TARGETS
+    assert all(m.base_kind == "linear4bit" for m in layers.values())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".moka_" in n for n in trainable)
+    counts = trainable_parameters(model)
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["total"] == counts["base"] + counts["adapter"]
+    assert 0 < counts["share"] < 0.1
+    # dW = 0 at init: the patched model computes exactly what the base computed.
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_summary_lists_every_module_with_its_shapes():
+    model = apply_moka(tiny_llama(), MoKAConfig(r=2, shapes={"q_proj": [(8, 8, 8, 8), (4, 8, 16, 8)]}))
+    text = moka_summary(model)
+    assert text.count("\n") == N_TARGETS  # one line per layer plus the total line
+    assert "model.layers.0.self_attn.q_proj: linear 64x64 moka r=2" in text
+    assert "[8x8 (x) 8x8]  [4x8 (x) 16x8]" in text
+    assert f"{N_TARGETS} MoKA layers" in text
+
+
+def test_target_selection_exclude_layers_and_overrides():
+    model = tiny_llama()
+    cfg = MoKAConfig(r=2, target_modules=["q_proj", "down_proj"], exclude_modules=["model.layers.0.mlp.down_proj"],
+                     layers_to_transform=[0, 1], overrides={r"\.mlp\.": {"r": 1, "variant": "mokas"}})
+    apply_moka(model, cfg)
+    names = set(_moka(model))
+    assert names == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+    assert model.model.layers[1].mlp.down_proj.variant == "mokas" and model.model.layers[1].mlp.down_proj.r == 1
+    m2 = apply_moka(tiny_llama(), MoKAConfig(r=1, layers_to_transform=1))
+    assert all(".layers.1." in n for n in _moka(m2)) and len(_moka(m2)) == 7
+    with pytest.raises(ValueError, match="no module of the model matches"):
+        apply_moka(tiny_llama(), MoKAConfig(target_modules=["nonexistent"]))
+    with pytest.raises(ValueError, match="already carries a MoKA adapter"):
+        apply_moka(model, MoKAConfig(r=1, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="target module 'model.embed_tokens'"):
+        apply_moka(tiny_llama(), MoKAConfig(target_modules=["embed_tokens"]))
+
+
+def _train(model, steps=8, lr=2e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    data = batch(seed=3, b=4, t=12)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(**data).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_loss_falls_when_training_an_nf4_model():
+    torch.manual_seed(0)
+    model = apply_moka(tiny_llama("nf4"), MoKAConfig(r=2))
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = _train(model)
+    assert losses[-1] < losses[0] - 0.1, losses
+    for n, p in model.named_parameters():
+        if n in base_before:
+            assert torch.equal(p, base_before[n]), f"frozen {n} changed"
+
+
+def test_generate_then_train_gradients_unchanged_on_nf4():
+    """Gradients through wrapped 4-bit layers are identical before and after generate()
+    (and an eval no-grad pass), with bnb's AVX512-BF16 CPU repacking enabled as on such CPUs."""
+    model = tiny_llama("nf4")
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = True
+    apply_moka(model, MoKAConfig(r=2))
+    _randomize(model)
+    data = batch(seed=5)
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(**data).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model.generate(data["input_ids"][:, :4], max_new_tokens=3, do_sample=False)
+        model(data["input_ids"])
+    after = grads()
+    assert before.keys() == after.keys()
+    for n in before:
+        assert torch.equal(before[n], after[n]), n
+    assert all(g.abs().sum() > 0 for g in before.values())
+
+
+def test_merge_and_unload_float32_model_exact():
+    model = apply_moka(tiny_llama(), MoKAConfig(r=2))
+    _randomize(model)
+    ids = batch(seed=1)["input_ids"]
+    with torch.no_grad():
+        want = model(ids).logits
+    # Independent merged weight: base + the reference dW of each layer.
+    expect = {n: (m.base_layer.weight + moka_ext.reference.delta_weight(*m.factors(), m.gates())).detach()
+              for n, m in _moka(model).items()}
+    merged = merge_and_unload(model)
+    assert not _moka(merged)
+    for n, W in expect.items():
+        layer = merged.get_submodule(n)
+        assert type(layer) is torch.nn.Linear
+        torch.testing.assert_close(layer.weight, W, rtol=0, atol=0)
+    with torch.no_grad():
+        got = merged(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_and_unload_nf4_requantizes_within_tolerance_or_full_precision():
+    ids = batch(seed=2)["input_ids"]
+
+    def patched():
+        m = apply_moka(tiny_llama("nf4"), MoKAConfig(r=2))
+        _randomize(m, scale=0.02)
+        return m
+
+    model = patched()
+    with torch.no_grad():
+        want = model(ids).logits
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        merged = merge_and_unload(model)
+    assert not _moka(merged)
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    with torch.no_grad():
+        got = merged(ids).logits
+    # NF4 rounding of the merged weights: compare with the rounding the base itself had.
+    plain = tiny_llama()
+    with torch.no_grad():
+        quant_gap = (tiny_llama("nf4")(ids).logits - plain(ids).logits).abs().max()
+    assert (got - want).abs().max() <= 2 * quant_gap
+
+    fp = merge_and_unload(patched(), full_precision=True)
+    assert type(fp.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(fp(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_base_trains():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = apply_moka(tiny_llama("int8"), MoKAConfig(r=2))
+        assert all(m.base_kind == "linear8bit" for m in _moka(model).values())
+        assert len(_moka(model)) == N_TARGETS
+        losses = _train(model, steps=6)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_bf16_compute_nf4_model_and_autocast_train_with_float32_adapters():
+    import tiny_llama as T
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(
+        T._saved_dir(), device_map="cpu", dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16))
+    apply_moka(model, MoKAConfig(r=2))
+    out = model(**batch())
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.moka_B[0].dtype == torch.float32 and q.moka_B[0].grad.abs().sum() > 0
+
+    fp = apply_moka(tiny_llama("nf4"), MoKAConfig(r=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fp(**batch())
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert fp.model.layers[1].mlp.down_proj.moka_B[1].grad.abs().sum() > 0
