@@ -1,0 +1,501 @@
+// The fused Kronecker-mixture forward kernel for float16/bfloat16 (tensor-core
+// mma.sync, float32 accumulation) and its host-side planner. Torch-free: it
+// includes only CUDA headers and is driven through csrc/kron_mix.h.
+//
+// A CTA owns `tt` consecutive tokens. Per group j it lays the token tile out
+// in shared memory as Xs[(t, a)][b] = x[t, a*nb + b] and, for each component k,
+//   stage 1:  Zs[(t, d)][a] = g_k * sum_b B_k[d, b] Xs[(t, a)][b]   (Z^T = B X^T)
+//   stage 2:  acc[c][(t, d)] += sum_a A_k[c, a] Zs[(t, d)][a]       (Y = A Z)
+// Both stages are plain row-major x "k-contiguous" GEMMs over shared memory,
+// so one mma.sync fragment loader serves both. The gate is folded into Z
+// before it is rounded to 16 bits, which costs no extra rounding. The stage-2
+// accumulator stays in registers across the r components of a group (tt is
+// chosen so that ma x tt*mb fits the CTA's register tile); across groups, whose
+// output tilings differ, it is summed into a float32 shared tile Ys (tt x out),
+// which the epilogue adds to `base` (if any) and writes to y once, coalesced.
+// Nothing of size tokens x components leaves the chip.
+#include "../kron_mix.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moka {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Register tile of stage 2 per warp: 2 x 8 mma tiles of 16 x 8 = 32 x 64.
+constexpr int kS2TilesM = 2, kS2TilesN = 8;
+// Stage 1 (transient accumulator) per warp: 2 x 4 tiles = 32 x 32.
+constexpr int kS1TilesM = 2, kS1TilesN = 4;
+
+__host__ __device__ inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Leading dimension of a shared-memory operand whose k extent is k16 (a
+// multiple of 16): +8 elements makes the row stride 4 (mod 8) 32-bit words, so
+// the 8 rows x 4 columns of words an mma fragment load touches hit 32 banks.
+__host__ __device__ inline int operand_ld(int k16) { return k16 + 8; }
+
+// Warps along M in stage 2 for a factor with ma16 rows; the rest go along N.
+__host__ __device__ inline int stage2_warps_m(int ma16) {
+  return ma16 <= 32 ? 1 : (ma16 <= 64 ? 2 : 4);
+}
+
+template <typename T>
+struct Bits;
+template <>
+struct Bits<__half> {
+  static __device__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ uint32_t raw(__half v) { return __half_as_ushort(v); }
+  static __device__ __half from_raw(uint32_t b) {
+    return __ushort_as_half(static_cast<unsigned short>(b));
+  }
+};
+template <>
+struct Bits<__nv_bfloat16> {
+  static __device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ uint32_t raw(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+  static __device__ __nv_bfloat16 from_raw(uint32_t b) {
+    return __ushort_as_bfloat16(static_cast<unsigned short>(b));
+  }
+};
+
+template <typename T>
+__device__ inline uint32_t pack2(float lo, float hi) {
+  return Bits<T>::raw(Bits<T>::from_float(lo)) | (Bits<T>::raw(Bits<T>::from_float(hi)) << 16);
+}
+
+template <typename T>
+__device__ inline float unpack_lo(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w & 0xffffu)); }
+template <typename T>
+__device__ inline float unpack_hi(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w >> 16)); }
+
+// D += A(16x16, row) * B(16x8, col), float32 accumulate.
+template <typename T>
+__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+
+template <>
+__device__ inline void mma_16816<__nv_bfloat16>(
+    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // the extension is only built for sm_80 and newer
+#endif
+}
+
+template <>
+__device__ inline void mma_16816<__half>(
+    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
+}
+
+// Fragment loads from a row-major [rows][ld] 16-bit tile whose k (column)
+// index is contiguous. PTX m16n8k16 layout, gid = lane / 4, tig = lane % 4:
+// A regs hold (row gid | gid+8, cols 2tig..+1 | 2tig+8..+9); B regs hold
+// (col n = gid, rows k = 2tig..+1 | 2tig+8..+9).
+template <typename T>
+__device__ inline void load_frag_a(uint32_t (&a)[4], const T* s, int ld, int m0, int k0, int gid, int tig) {
+  const T* p = s + (m0 + gid) * ld + k0 + 2 * tig;
+  a[0] = *reinterpret_cast<const uint32_t*>(p);
+  a[1] = *reinterpret_cast<const uint32_t*>(p + 8 * ld);
+  a[2] = *reinterpret_cast<const uint32_t*>(p + 8);
+  a[3] = *reinterpret_cast<const uint32_t*>(p + 8 * ld + 8);
+}
+
+template <typename T>
+__device__ inline void load_frag_b(uint32_t (&b)[2], const T* s, int ld, int n0, int k0, int gid, int tig) {
+  const T* p = s + (n0 + gid) * ld + k0 + 2 * tig;
+  b[0] = *reinterpret_cast<const uint32_t*>(p);
+  b[1] = *reinterpret_cast<const uint32_t*>(p + 8);
+}
+
+__device__ inline bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// A contiguous (rows, cols) factor into a zero-padded [rows16][ld] tile (the
+// padding must be zero: it is the k padding of the MMAs).
+template <typename T>
+__device__ void load_factor(T* dst, const T* src, int rows, int cols, int rows16, int cols16, int ld) {
+  if (cols % 8 == 0 && aligned16(src)) {
+    const int cpr = cols16 / 8;  // 16-byte chunks per padded row
+    for (int i = threadIdx.x; i < rows16 * cpr; i += kThreads) {
+      const int r = i / cpr, c = (i - r * cpr) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (r < rows && c < cols) v = __ldg(reinterpret_cast<const uint4*>(src + r * cols + c));
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows16 * cols16; i += kThreads) {
+      const int r = i / cols16, c = i - r * cols16;
+      dst[r * ld + c] = (r < rows && c < cols) ? src[r * cols + c] : Bits<T>::from_float(0.f);
+    }
+  }
+}
+
+// The CTA's token tile as Xs[(t, a)][b]; tokens past the end and the k
+// padding columns b in [nb, nb16) are zero.
+template <typename T>
+__device__ void load_x_tile(
+    T* xs, const KronMixParams& p, int64_t t0, int nt, int tt, int na, int nb, int nb16, int ldx) {
+  const T* x = static_cast<const T*>(p.x);
+  const int in = p.in;
+  if (nb % 8 == 0 && aligned16(x) && p.x_row_stride % 8 == 0) {
+    const int cpt = in / 8;  // 16-byte chunks per token
+    for (int i = threadIdx.x; i < tt * cpt; i += kThreads) {
+      const int t = i / cpt, c = (i - t * cpt) * 8;
+      const int a = c / nb, b = c - a * nb;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (t < nt) v = __ldg(reinterpret_cast<const uint4*>(x + (t0 + t) * p.x_row_stride + c));
+      *reinterpret_cast<uint4*>(xs + (t * na + a) * ldx + b) = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < tt * in; i += kThreads) {
+      const int t = i / in, c = i - t * in;
+      const int a = c / nb, b = c - a * nb;
+      xs[(t * na + a) * ldx + b] =
+          t < nt ? x[(t0 + t) * p.x_row_stride + c] : Bits<T>::from_float(0.f);
+    }
+  }
+  const int pad = nb16 - nb;
+  if (pad > 0) {
+    for (int i = threadIdx.x; i < tt * na * pad; i += kThreads) {
+      const int row = i / pad;
+      xs[row * ldx + nb + (i - row * pad)] = Bits<T>::from_float(0.f);
+    }
+  }
+}
+
+}  // namespace
+
+// Shared-memory plan of one launch, identical for all CTAs.
+struct FusedPlan {
+  int tt;  // tokens per CTA
+  int ys_elems;  // float32 elements of Ys (>= tt * out, a multiple of 4)
+  int xs_elems, as_elems, bs_elems, zs_elems;  // 16-bit elements, multiples of 8
+  size_t smem_bytes;
+};
+
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    kron_mix_fused_fwd_kernel(const KronMixParams p, const FusedPlan plan) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* ys = reinterpret_cast<float*>(smem_raw);
+  T* xs = reinterpret_cast<T*>(ys + plan.ys_elems);
+  T* as = xs + plan.xs_elems;
+  T* bs = as + plan.as_elems;
+  T* zs = bs + plan.bs_elems;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int tt = plan.tt;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tt;
+  const int nt = static_cast<int>(p.tokens - t0 < tt ? p.tokens - t0 : tt);  // valid tokens
+  const T* gates = static_cast<const T*>(p.gates);
+  const int out = p.out;
+
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGroupParams g = p.groups[j];
+    const int ma16 = round_up(g.ma, 16), na16 = round_up(g.na, 16);
+    const int mb16 = round_up(g.mb, 16), nb16 = round_up(g.nb, 16);
+    const int ldx = operand_ld(nb16), ldb = ldx, lda = operand_ld(na16), ldz = lda;
+    const int n1 = tt * g.na;  // stage-1 N: rows (t, a) of Xs
+    const int n2 = tt * g.mb;  // stage-2 N: rows (t, d) of Zs
+
+    __syncthreads();  // the previous group is done with Xs and Zs
+    load_x_tile<T>(xs, p, t0, nt, tt, g.na, g.nb, nb16, ldx);
+    // The k padding of stage 2 (columns a in [na, na16) of Zs); stage 1 never
+    // writes there.
+    if (na16 > g.na) {
+      const int pad = na16 - g.na, rows = round_up(n2, 8);
+      for (int i = threadIdx.x; i < rows * pad; i += kThreads) {
+        const int row = i / pad;
+        zs[row * ldz + g.na + (i - row * pad)] = Bits<T>::from_float(0.f);
+      }
+    }
+
+    const int wm_count = stage2_warps_m(ma16);
+    const int wm = warp % wm_count, wn = warp / wm_count;
+    float acc2[kS2TilesM][kS2TilesN][4];
+#pragma unroll
+    for (int i = 0; i < kS2TilesM; ++i)
+#pragma unroll
+      for (int jn = 0; jn < kS2TilesN; ++jn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc2[i][jn][e] = 0.f;
+
+    const T* Ag = static_cast<const T*>(g.A);
+    const T* Bg = static_cast<const T*>(g.B);
+    for (int k = 0; k < g.r; ++k) {
+      load_factor<T>(as, Ag + static_cast<int64_t>(k) * g.ma * g.na, g.ma, g.na, ma16, na16, lda);
+      load_factor<T>(bs, Bg + static_cast<int64_t>(k) * g.mb * g.nb, g.mb, g.nb, mb16, nb16, ldb);
+      const float gk = Bits<T>::to_float(gates[g.gate_offset + k]);
+      __syncthreads();
+
+      // Stage 1: Z^T = B X^T, M = mb16 (d), N = n1 (t, a), K = nb16 (b).
+      const int s1_m = (mb16 + 31) / 32, s1_n = (n1 + 31) / 32;
+      for (int wt = warp; wt < s1_m * s1_n; wt += kWarps) {
+        const int bm = (wt % s1_m) * 32, bn = (wt / s1_m) * 32;
+        float acc1[kS1TilesM][kS1TilesN][4];
+#pragma unroll
+        for (int i = 0; i < kS1TilesM; ++i)
+#pragma unroll
+          for (int jn = 0; jn < kS1TilesN; ++jn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc1[i][jn][e] = 0.f;
+        for (int kk = 0; kk < nb16; kk += 16) {
+          uint32_t af[kS1TilesM][4], bf[kS1TilesN][2];
+#pragma unroll
+          for (int i = 0; i < kS1TilesM; ++i)
+            if (bm + 16 * i < mb16) load_frag_a(af[i], bs, ldb, bm + 16 * i, kk, gid, tig);
+#pragma unroll
+          for (int jn = 0; jn < kS1TilesN; ++jn)
+            if (bn + 8 * jn < n1) load_frag_b(bf[jn], xs, ldx, bn + 8 * jn, kk, gid, tig);
+#pragma unroll
+          for (int i = 0; i < kS1TilesM; ++i)
+#pragma unroll
+            for (int jn = 0; jn < kS1TilesN; ++jn)
+              if (bm + 16 * i < mb16 && bn + 8 * jn < n1) mma_16816<T>(acc1[i][jn], af[i], bf[jn]);
+        }
+        // Scatter g * Z^T[d][(t, a)] to Zs[(t*mb + d)][a].
+#pragma unroll
+        for (int jn = 0; jn < kS1TilesN; ++jn) {
+          const int c0 = bn + 8 * jn + 2 * tig;  // this thread's columns c0, c0 + 1
+          if (c0 >= n1) continue;
+          const int ta = c0 / g.na, aa = c0 - ta * g.na;
+          const int off0 = ta * g.mb * ldz + aa;
+          // With na even, c0 (even) and c0 + 1 are one token's a, a + 1.
+          const bool paired = (g.na % 2 == 0);
+          int off1 = 0;
+          const bool valid1 = c0 + 1 < n1;
+          if (!paired && valid1) {
+            const int tb = (c0 + 1) / g.na;
+            off1 = tb * g.mb * ldz + (c0 + 1 - tb * g.na);
+          }
+#pragma unroll
+          for (int i = 0; i < kS1TilesM; ++i) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int d = bm + 16 * i + gid + 8 * h;
+              if (d >= g.mb) continue;
+              const float v0 = gk * acc1[i][jn][2 * h], v1 = gk * acc1[i][jn][2 * h + 1];
+              if (paired) {
+                *reinterpret_cast<uint32_t*>(zs + off0 + d * ldz) = pack2<T>(v0, v1);
+              } else {
+                zs[off0 + d * ldz] = Bits<T>::from_float(v0);
+                if (valid1) zs[off1 + d * ldz] = Bits<T>::from_float(v1);
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();
+
+      // Stage 2: acc += A Z, M = ma16 (c), N = n2 (t, d), K = na16 (a).
+      for (int kk = 0; kk < na16; kk += 16) {
+        uint32_t af[kS2TilesM][4], bf[kS2TilesN][2];
+#pragma unroll
+        for (int i = 0; i < kS2TilesM; ++i)
+          if (wm * 32 + 16 * i < ma16) load_frag_a(af[i], as, lda, wm * 32 + 16 * i, kk, gid, tig);
+#pragma unroll
+        for (int jn = 0; jn < kS2TilesN; ++jn)
+          if (wn * 64 + 8 * jn < n2) load_frag_b(bf[jn], zs, ldz, wn * 64 + 8 * jn, kk, gid, tig);
+#pragma unroll
+        for (int i = 0; i < kS2TilesM; ++i)
+#pragma unroll
+          for (int jn = 0; jn < kS2TilesN; ++jn)
+            if (wm * 32 + 16 * i < ma16 && wn * 64 + 8 * jn < n2)
+              mma_16816<T>(acc2[i][jn], af[i], bf[jn]);
+      }
+      __syncthreads();  // As, Bs and Zs are reloaded by the next component
+    }
+
+    // The group's sum into Ys[t][c*mb + d]; every element of Ys is owned by
+    // exactly one thread here, and group 0 covers all of it.
+#pragma unroll
+    for (int jn = 0; jn < kS2TilesN; ++jn) {
+      const int c0 = wn * 64 + 8 * jn + 2 * tig;
+      if (c0 >= n2) continue;
+      const int ta = c0 / g.mb, dd = c0 - ta * g.mb;
+      const int off0 = ta * out + dd;
+      const bool paired = (g.mb % 2 == 0);
+      const bool valid1 = c0 + 1 < n2;
+      int off1 = 0;
+      if (!paired && valid1) {
+        const int tb = (c0 + 1) / g.mb;
+        off1 = tb * out + (c0 + 1 - tb * g.mb);
+      }
+#pragma unroll
+      for (int i = 0; i < kS2TilesM; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int c = wm * 32 + 16 * i + gid + 8 * h;
+          if (c >= g.ma) continue;
+          const float v0 = acc2[i][jn][2 * h], v1 = acc2[i][jn][2 * h + 1];
+          if (paired) {
+            float2* q = reinterpret_cast<float2*>(ys + off0 + c * g.mb);
+            if (j == 0) {
+              *q = make_float2(v0, v1);
+            } else {
+              float2 o = *q;
+              *q = make_float2(o.x + v0, o.y + v1);
+            }
+          } else {
+            float* q0 = ys + off0 + c * g.mb;
+            *q0 = j == 0 ? v0 : *q0 + v0;
+            if (valid1) {
+              float* q1 = ys + off1 + c * g.mb;
+              *q1 = j == 0 ? v1 : *q1 + v1;
+            }
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Epilogue: y = [base +] Ys, the only write of y.
+  T* y = static_cast<T*>(p.y);
+  const T* base = static_cast<const T*>(p.base);
+  const bool vec = out % 8 == 0 && aligned16(y) && p.y_row_stride % 8 == 0 &&
+      (base == nullptr || (aligned16(base) && p.base_row_stride % 8 == 0));
+  if (vec) {
+    const int cpt = out / 8;
+    for (int i = threadIdx.x; i < nt * cpt; i += kThreads) {
+      const int t = i / cpt, o = (i - t * cpt) * 8;
+      const float4 lo = *reinterpret_cast<const float4*>(ys + t * out + o);
+      const float4 hi = *reinterpret_cast<const float4*>(ys + t * out + o + 4);
+      float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      if (base != nullptr) {
+        const uint4 b = __ldg(reinterpret_cast<const uint4*>(base + (t0 + t) * p.base_row_stride + o));
+        v[0] += unpack_lo<T>(b.x); v[1] += unpack_hi<T>(b.x);
+        v[2] += unpack_lo<T>(b.y); v[3] += unpack_hi<T>(b.y);
+        v[4] += unpack_lo<T>(b.z); v[5] += unpack_hi<T>(b.z);
+        v[6] += unpack_lo<T>(b.w); v[7] += unpack_hi<T>(b.w);
+      }
+      const uint4 w = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]),
+                                 pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+      *reinterpret_cast<uint4*>(y + (t0 + t) * p.y_row_stride + o) = w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < nt * out; i += kThreads) {
+      const int t = i / out, o = i - t * out;
+      float v = ys[t * out + o];
+      if (base != nullptr) v += Bits<T>::to_float(base[(t0 + t) * p.base_row_stride + o]);
+      y[(t0 + t) * p.y_row_stride + o] = Bits<T>::from_float(v);
+    }
+  }
+}
+
+int max_dynamic_smem() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  static int cache[64] = {0};
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  int v = 0;
+  cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (dev >= 0 && dev < 64) cache[dev] = v;
+  return v;
+}
+
+size_t smem_bytes(const KronMixParams& p, int tt, FusedPlan* plan) {
+  FusedPlan q{};
+  q.tt = tt;
+  q.ys_elems = round_up(tt * p.out, 4);
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGroupParams& g = p.groups[j];
+    const int na16 = round_up(g.na, 16), nb16 = round_up(g.nb, 16);
+    const int ma16 = round_up(g.ma, 16), mb16 = round_up(g.mb, 16);
+    auto mx = [](int& a, int b) { a = a > b ? a : b; };
+    mx(q.xs_elems, round_up(tt * g.na, 8) * operand_ld(nb16));
+    mx(q.as_elems, ma16 * operand_ld(na16));
+    mx(q.bs_elems, mb16 * operand_ld(nb16));
+    mx(q.zs_elems, round_up(tt * g.mb, 8) * operand_ld(na16));
+  }
+  q.smem_bytes = size_t(q.ys_elems) * 4 +
+      size_t(q.xs_elems + q.as_elems + q.bs_elems + q.zs_elems) * 2;
+  if (plan) *plan = q;
+  return q.smem_bytes;
+}
+
+// Fills *plan (if non-null) and returns nullptr, or returns why not.
+const char* make_plan(const KronMixParams& p, FusedPlan* plan) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    return "the fused kernel takes float16/bfloat16 only";
+  if (p.n_groups < 1 || p.n_groups > kFusedMaxGroups) return "more groups than the fused kernel takes (8)";
+  if (p.tokens < 0) return "negative token count";
+  int tt = 1 << 30;
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGroupParams& g = p.groups[j];
+    if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
+    if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
+        g.nb > kFusedMaxFactorDim)
+      return "a factor dimension exceeds the fused kernel's limit (128)";
+    // Stage 2 keeps ma16 x tt*mb in registers: warps_n * 64 columns.
+    const int cap = (kWarps / stage2_warps_m(round_up(g.ma, 16))) * kS2TilesN * 8;
+    const int t = cap / g.mb;
+    tt = t < tt ? t : tt;
+  }
+  if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
+  const size_t limit = static_cast<size_t>(max_dynamic_smem());
+  for (; tt >= 1; --tt) {
+    if (smem_bytes(p, tt, plan) <= limit) return nullptr;
+  }
+  return "the factor shapes need more shared memory than the device has";
+}
+
+template <typename T>
+cudaError_t launch(const KronMixParams& p, const FusedPlan& plan, cudaStream_t stream) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  // Opt in to the device's full shared memory once per device (not a stream
+  // operation, so it is also safe while a CUDA graph is being captured).
+  static bool configured[64] = {false};
+  if (dev < 0 || dev >= 64 || !configured[dev]) {
+    err = cudaFuncSetAttribute(
+        kron_mix_fused_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < 64) configured[dev] = true;
+  }
+  const int64_t blocks = (p.tokens + plan.tt - 1) / plan.tt;
+  kron_mix_fused_fwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, plan.smem_bytes, stream>>>(p, plan);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+const char* kron_mix_fused_unsupported(const KronMixParams& p) { return make_plan(p, nullptr); }
+
+cudaError_t kron_mix_fused_forward(const KronMixParams& p, cudaStream_t stream) {
+  FusedPlan plan;
+  if (make_plan(p, &plan) != nullptr) return cudaErrorNotSupported;
+  if (p.tokens == 0) return cudaSuccess;
+  if ((p.tokens + plan.tt - 1) / plan.tt > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, plan, stream)
+                                     : launch<__half>(p, plan, stream);
+}
+
+}  // namespace cuda
+}  // namespace moka

@@ -1,0 +1,355 @@
+// CUDA registration of the moka ops (TORCH_LIBRARY_IMPL(moka, CUDA)) and the
+// ATen glue around the torch-free kernels of csrc/kron_mix.h.
+//
+// Which implementation runs is decided here, per call:
+//  - the fused kernel (kron_mix_fused.cu) for float16/bfloat16 when the factor
+//    shapes fit it (each factor dim <= 128, <= 8 groups, shared memory);
+//  - otherwise, or with MOKA_CUDA_IMPL=cublas, the reshape-matmul path: two
+//    GEMMs per group through ATen (cuBLAS), the intermediate X B^T round-
+//    tripping through memory. float32 and float64 always take it; float32
+//    GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default), which
+//    is the explicit TF32 opt-in.
+// MOKA_CUDA_IMPL=fused makes an unsupported shape an error instead of a silent
+// fallback (for tests and benchmarks). The backward computes dX with the fused
+// forward kernel applied to (dY, A^T, B^T) and dA, dB, dg with GEMMs; every
+// reduction is a GEMM or a sum, none uses atomics.
+#include "../kron_mix.h"
+#include "../validate.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace moka {
+namespace {
+
+using cuda::DType;
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    default: TORCH_CHECK(false, "moka CUDA kernels: unsupported dtype ", t);
+  }
+}
+
+enum class Impl { kAuto, kFused, kCublas };
+
+Impl requested_impl() {
+  const char* v = std::getenv("MOKA_CUDA_IMPL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Impl::kAuto;
+  if (std::strcmp(v, "fused") == 0) return Impl::kFused;
+  if (std::strcmp(v, "cublas") == 0) return Impl::kCublas;
+  TORCH_CHECK(false, "MOKA_CUDA_IMPL must be one of auto, fused, cublas; got '", v, "'");
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+// (tokens, width) view whose rows are strided but whose last dim is
+// contiguous, as the kernels take it; copies only when it has to.
+at::Tensor rows_of(const at::Tensor& t, int64_t tokens, int64_t width) {
+  auto r = t.reshape({tokens, width});
+  if (width > 1 && r.stride(1) != 1) r = r.contiguous();
+  return r;
+}
+
+std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t out) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = out;
+  return sizes;
+}
+
+std::vector<at::Tensor> contiguous_all(at::TensorList list) {
+  std::vector<at::Tensor> out;
+  out.reserve(list.size());
+  for (const auto& t : list) out.push_back(t.contiguous());
+  return out;
+}
+
+// Params of the fused kernel for y[t] = [base[t] +] sum g A X_t B^T, with
+// factors given as (r, ma, na) / (r, mb, nb).
+cuda::KronMixParams fused_params(
+    const KronMixShape& s,
+    const at::Tensor& x2d,
+    const std::vector<at::Tensor>& A,
+    const std::vector<at::Tensor>& B,
+    const at::Tensor& gates,
+    const at::Tensor* base2d,
+    at::Tensor& y2d) {
+  cuda::KronMixParams p{};
+  p.dtype = to_dtype(x2d.scalar_type());
+  p.tokens = s.tokens;
+  p.in = static_cast<int>(s.in);
+  p.out = static_cast<int>(s.out);
+  p.x = x2d.data_ptr();
+  p.x_row_stride = x2d.stride(0);
+  p.base = base2d ? base2d->data_ptr() : nullptr;
+  p.base_row_stride = base2d ? base2d->stride(0) : 0;
+  p.y = y2d.data_ptr();
+  p.y_row_stride = y2d.stride(0);
+  p.gates = gates.data_ptr();
+  p.n_groups = static_cast<int>(A.size());
+  for (size_t j = 0; j < A.size() && j < static_cast<size_t>(cuda::kFusedMaxGroups); ++j) {
+    p.groups[j] = cuda::KronGroupParams{
+        A[j].data_ptr(), B[j].data_ptr(), static_cast<int>(A[j].size(0)),
+        static_cast<int>(A[j].size(1)), static_cast<int>(A[j].size(2)),
+        static_cast<int>(B[j].size(1)), static_cast<int>(B[j].size(2)),
+        static_cast<int>(s.groups[j].gate_offset)};
+  }
+  return p;
+}
+
+// The fused kernel's verdict on a problem: nullptr if it takes it.
+const char* fused_verdict(const KronMixShape& s, at::ScalarType dtype) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16)
+    return "the fused kernel takes float16/bfloat16 only";
+  if (s.groups.size() > static_cast<size_t>(cuda::kFusedMaxGroups))
+    return "more groups than the fused kernel takes (8)";
+  if (s.in > (1 << 30) || s.out > (1 << 30)) return "layer too wide for the fused kernel";
+  cuda::KronMixParams p{};
+  p.dtype = to_dtype(dtype);
+  p.tokens = s.tokens;
+  p.in = static_cast<int>(s.in);
+  p.out = static_cast<int>(s.out);
+  p.n_groups = static_cast<int>(s.groups.size());
+  for (size_t j = 0; j < s.groups.size(); ++j) {
+    const auto& g = s.groups[j];
+    p.groups[j] = cuda::KronGroupParams{
+        nullptr, nullptr, static_cast<int>(g.r), static_cast<int>(g.ma), static_cast<int>(g.na),
+        static_cast<int>(g.mb), static_cast<int>(g.nb), static_cast<int>(g.gate_offset)};
+  }
+  return cuda::kron_mix_fused_unsupported(p);
+}
+
+bool use_fused(const KronMixShape& s, at::ScalarType dtype, const char* op) {
+  const Impl impl = requested_impl();
+  if (impl == Impl::kCublas) return false;
+  const char* why = fused_verdict(s, dtype);
+  TORCH_CHECK(
+      why == nullptr || impl != Impl::kFused,
+      op, ": MOKA_CUDA_IMPL=fused, but ", why, " (dtype ", dtype, ", in=", s.in,
+      ", out=", s.out, ", groups=", s.groups.size(), ")");
+  return why == nullptr;
+}
+
+void launch_fused(
+    const KronMixShape& s,
+    const at::Tensor& x2d,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates,
+    const at::Tensor* base2d,
+    at::Tensor& y2d) {
+  const auto Ac = contiguous_all(A), Bc = contiguous_all(B);
+  const auto gc = gates.contiguous();
+  const auto p = fused_params(s, x2d, Ac, Bc, gc, base2d, y2d);
+  check_cuda(
+      cuda::kron_mix_fused_forward(p, at::cuda::getCurrentCUDAStream()),
+      "kron_mix fused kernel launch");
+}
+
+// The reshape-matmul forward: per group, Z = X B^T as one GEMM over all
+// tokens and components, then Y = [g_1 A_1 .. g_r A_r] Z as a second GEMM.
+// Low-precision groups are summed in float32.
+at::Tensor reshape_matmul_forward(
+    const KronMixShape& s,
+    const at::Tensor& x2d,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates,
+    const at::Tensor* base2d) {
+  const auto dtype = x2d.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t T = s.tokens;
+  at::Tensor y = base2d ? base2d->to(acc, /*non_blocking=*/false, /*copy=*/true)
+                        : at::zeros({T, s.out}, x2d.options().dtype(acc));
+  for (size_t j = 0; j < s.groups.size(); ++j) {
+    const auto& g = s.groups[j];
+    auto X = x2d.reshape({T, g.na, g.nb});
+    auto Z = at::matmul(X, B[j].reshape({g.r * g.mb, g.nb}).t());  // (T, na, r*mb)
+    auto Zp = Z.view({T, g.na, g.r, g.mb}).permute({2, 1, 0, 3}).reshape({g.r * g.na, T * g.mb});
+    auto gA = A[j] * gates.narrow(0, g.gate_offset, g.r).view({g.r, 1, 1});
+    auto Acat = gA.permute({1, 0, 2}).reshape({g.ma, g.r * g.na});  // (c, (k, a))
+    auto Y = at::mm(Acat, Zp);  // (ma, (t, d))
+    y.view({T, g.ma, g.mb}).add_(Y.view({g.ma, T, g.mb}).transpose(0, 1));
+  }
+  return y.scalar_type() == dtype ? y : y.to(dtype);
+}
+
+at::Tensor forward(
+    const char* op,
+    const KronMixShape& s,
+    const at::Tensor& x,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates,
+    const at::Tensor* base) {
+  const auto x2d = rows_of(x, s.tokens, s.in);
+  at::Tensor base2d;
+  if (base) base2d = rows_of(*base, s.tokens, s.out);
+  if (s.tokens == 0) return at::empty(out_sizes(x, s.out), x.options());
+  if (use_fused(s, x.scalar_type(), op)) {
+    auto y = at::empty({s.tokens, s.out}, x.options());
+    launch_fused(s, x2d, A, B, gates, base ? &base2d : nullptr, y);
+    return y.view(out_sizes(x, s.out));
+  }
+  return reshape_matmul_forward(s, x2d, A, B, gates, base ? &base2d : nullptr)
+      .view(out_sizes(x, s.out));
+}
+
+at::Tensor kron_mix_cuda(
+    const at::Tensor& x,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates) {
+  const auto s = check_kron_mix_args("kron_mix", x, A, B, gates);
+  c10::cuda::CUDAGuard guard(x.device());
+  return forward("kron_mix", s, x, A, B, gates, nullptr);
+}
+
+at::Tensor kron_mix_add_cuda(
+    const at::Tensor& base,
+    const at::Tensor& x,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates) {
+  const auto s = check_kron_mix_args("kron_mix_add", x, A, B, gates);
+  check_like_output("kron_mix_add", "base", base, x, s.out);
+  c10::cuda::CUDAGuard guard(x.device());
+  return forward("kron_mix_add", s, x, A, B, gates, &base);
+}
+
+// The shape of the transposed problem dX = kron_mix(dY, A^T, B^T, g).
+KronMixShape transposed(const KronMixShape& s) {
+  KronMixShape t = s;
+  std::swap(t.in, t.out);
+  for (auto& g : t.groups) {
+    std::swap(g.ma, g.na);
+    std::swap(g.mb, g.nb);
+  }
+  return t;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
+kron_mix_backward_cuda(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates) {
+  const auto s = check_kron_mix_args("kron_mix_backward", x, A, B, gates);
+  check_like_output("kron_mix_backward", "grad_y", grad_y, x, s.out);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto dtype = x.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t T = s.tokens;
+  if (T == 0) {
+    std::vector<at::Tensor> gA, gB;
+    for (const auto& a : A) gA.push_back(at::zeros_like(a));
+    for (const auto& b : B) gB.push_back(at::zeros_like(b));
+    return {at::zeros_like(x), gA, gB, at::zeros_like(gates)};
+  }
+  const auto x2d = rows_of(x, T, s.in);
+  const auto gy2d = rows_of(grad_y, T, s.out);
+
+  // dX_t = sum g A^T dY_t B: the forward map of the transposed factors.
+  const auto st = transposed(s);
+  const bool fused_dx = use_fused(st, dtype, "kron_mix_backward");
+  at::Tensor gx;
+  if (fused_dx) {
+    std::vector<at::Tensor> At, Bt;
+    for (const auto& a : A) At.push_back(a.transpose(1, 2).contiguous());
+    for (const auto& b : B) Bt.push_back(b.transpose(1, 2).contiguous());
+    gx = at::empty({T, s.in}, x.options());
+    launch_fused(st, gy2d, At, Bt, gates, nullptr, gx);
+  } else {
+    gx = at::zeros({T, s.in}, x.options().dtype(acc));
+  }
+
+  std::vector<at::Tensor> gA, gB;
+  auto gg = at::empty({s.components}, x.options().dtype(acc));
+  for (size_t j = 0; j < s.groups.size(); ++j) {
+    const auto& g = s.groups[j];
+    auto X = x2d.reshape({T, g.na, g.nb});
+    auto dY = gy2d.reshape({T, g.ma, g.mb});
+    auto gv = gates.narrow(0, g.gate_offset, g.r);
+    // P[t, c, (k, b)] = sum_d dY[t, c, d] B_k[d, b]
+    auto P = at::mm(dY.reshape({T * g.ma, g.mb}), B[j].permute({1, 0, 2}).reshape({g.mb, g.r * g.nb}))
+                 .view({T, g.ma, g.r, g.nb});
+    // G_A[k, c, a] = sum_{t, b} P[t, c, k, b] X[t, a, b]       (ungated dA)
+    auto GA = at::einsum("tckb,tab->kca", {P, X});
+    // W[t, (k, c), b] = sum_a A_k[c, a] X[t, a, b];  G_B[k, d, b] = sum_{t, c} dY W
+    auto W = at::matmul(A[j].reshape({g.r * g.ma, g.na}), X).view({T, g.r, g.ma, g.nb});
+    auto GB = at::einsum("tcd,tkcb->kdb", {dY, W});
+    if (!fused_dx) {
+      auto gAk = A[j] * gv.view({g.r, 1, 1});
+      gx.view({T, g.na, g.nb}).add_(at::einsum("kca,tckb->tab", {gAk, P}));
+    }
+    gg.narrow(0, g.gate_offset, g.r).copy_((GA.to(acc) * A[j].to(acc)).sum({1, 2}));
+    gA.push_back((GA.to(acc) * gv.to(acc).view({g.r, 1, 1})).to(dtype));
+    gB.push_back((GB.to(acc) * gv.to(acc).view({g.r, 1, 1})).to(dtype));
+  }
+  return {gx.to(dtype).view(x.sizes()), gA, gB, gg.to(dtype)};
+}
+
+at::Tensor gate_softmax_cuda(const at::Tensor& logits, double temperature) {
+  check_gate_softmax_args("gate_softmax", logits, temperature);
+  c10::cuda::CUDAGuard guard(logits.device());
+  const auto in = logits.contiguous();
+  auto out = at::empty_like(in);
+  const int64_t n = in.size(-1);
+  const int64_t rows = n == 0 ? 0 : in.numel() / n;
+  check_cuda(
+      cuda::gate_softmax_forward(
+          to_dtype(in.scalar_type()), in.data_ptr(), out.data_ptr(), rows, n,
+          1.0 / temperature, at::cuda::getCurrentCUDAStream()),
+      "gate_softmax kernel launch");
+  return out;
+}
+
+at::Tensor gate_softmax_backward_cuda(
+    const at::Tensor& grad,
+    const at::Tensor& output,
+    double temperature) {
+  check_gate_softmax_args("gate_softmax_backward", output, temperature);
+  TORCH_CHECK(
+      grad.defined() && grad.sizes().equals(output.sizes()) &&
+          grad.scalar_type() == output.scalar_type() && grad.device() == output.device(),
+      "gate_softmax_backward: grad must match output (shape ", output.sizes(), ", dtype ",
+      output.scalar_type(), ", device ", output.device(), "), got ",
+      grad.defined() ? grad.sizes() : at::IntArrayRef{}, " ",
+      grad.defined() ? c10::toString(grad.scalar_type()) : "undefined");
+  c10::cuda::CUDAGuard guard(output.device());
+  const auto g = grad.contiguous();
+  const auto s = output.contiguous();
+  auto out = at::empty_like(s);
+  const int64_t n = s.size(-1);
+  const int64_t rows = n == 0 ? 0 : s.numel() / n;
+  check_cuda(
+      cuda::gate_softmax_backward(
+          to_dtype(s.scalar_type()), g.data_ptr(), s.data_ptr(), out.data_ptr(), rows, n,
+          1.0 / temperature, at::cuda::getCurrentCUDAStream()),
+      "gate_softmax_backward kernel launch");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moka, CUDA, m) {
+  m.impl("kron_mix", kron_mix_cuda);
+  m.impl("kron_mix_add", kron_mix_add_cuda);
+  m.impl("kron_mix_backward", kron_mix_backward_cuda);
+  m.impl("gate_softmax", gate_softmax_cuda);
+  m.impl("gate_softmax_backward", gate_softmax_backward_cuda);
+}
+
+}  // namespace moka
