@@ -1,0 +1,124 @@
+"""The machine code of the built extension's CUDA kernels (no GPU needed).
+
+Reads the `_C` shared object with cuobjdump (shipped in triton's wheel, which
+torch's CUDA wheels pull in) and checks, for every compiled arch, that the
+float16/bfloat16 Kronecker-mixture kernels use tensor-core MMA (HMMA, or
+Hopper's HGMMA) and that no kron kernel touches local memory (spills).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import moka_ext
+from moka_ext import _C
+
+pytestmark = pytest.mark.skipif(
+    not moka_ext.build_info()["cuda"], reason="extension built without CUDA kernels"
+)
+
+LOW_PRECISION = ("__half", "__nv_bfloat16")
+
+
+def cuobjdump() -> str:
+    spec = importlib.util.find_spec("triton")
+    candidates = []
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "bin" / "cuobjdump")
+    if shutil.which("cuobjdump"):
+        candidates.append(Path(shutil.which("cuobjdump")))
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    pytest.fail(f"cuobjdump not found (looked at {[str(c) for c in candidates]}); install triton")
+
+
+def dump(flag: str) -> str:
+    return subprocess.run(
+        [cuobjdump(), flag, _C.__file__], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def split_by_arch_and_function(text: str, header: str) -> dict[tuple[str, str], str]:
+    """{(arch, mangled kernel name): text of that kernel's section}."""
+    out: dict[tuple[str, str], str] = {}
+    arch, name, body = None, None, []
+    for line in text.splitlines():
+        m_arch = re.match(r"\s*arch = (sm_\w+)", line)
+        m_fn = re.match(header, line)
+        if m_arch or m_fn:
+            if name is not None:
+                out[(arch, name)] = out.get((arch, name), "") + "\n".join(body)
+            name, body = None, []
+            if m_arch:
+                arch = m_arch.group(1)
+            else:
+                name = m_fn.group(1)
+            continue
+        body.append(line)
+    if name is not None:
+        out[(arch, name)] = out.get((arch, name), "") + "\n".join(body)
+    return out
+
+
+def built_archs() -> set[str]:
+    archs = moka_ext.build_info()["cuda_archs"]
+    return {"sm_" + a.strip().replace(".", "").replace("+PTX", "") for a in archs.split(";") if a.strip()}
+
+
+@pytest.fixture(scope="module")
+def sass():
+    return split_by_arch_and_function(dump("--dump-sass"), r"\s*Function : (\S+)")
+
+
+@pytest.fixture(scope="module")
+def resources():
+    return split_by_arch_and_function(dump("--dump-resource-usage"), r"\s*Function (\S+):")
+
+
+def kron_kernels(table):
+    return {k: v for k, v in table.items() if "kron" in k[1]}
+
+
+def test_every_arch_has_low_precision_kron_kernels(sass):
+    kernels = kron_kernels(sass)
+    found = {(arch, t) for (arch, name) in kernels for t in LOW_PRECISION if t in name}
+    for arch in built_archs():
+        for t in LOW_PRECISION:
+            assert (arch, t) in found, f"no {t} kron kernel compiled for {arch}; kernels: {sorted(kernels)}"
+
+
+def test_low_precision_kron_kernels_use_tensor_cores(sass):
+    kernels = kron_kernels(sass)
+    checked = 0
+    for (arch, name), body in kernels.items():
+        if not any(t in name for t in LOW_PRECISION):
+            continue
+        assert re.search(r"\bH(G)?MMA\b", body), f"{name} ({arch}) has no HMMA/HGMMA instruction"
+        checked += 1
+    assert checked > 0
+
+
+def test_kron_kernels_use_no_local_memory(resources):
+    kernels = kron_kernels(resources)
+    assert kernels, "no kron kernel in the resource usage dump"
+    for (arch, name), body in kernels.items():
+        m = re.search(r"LOCAL:(\d+)", body)
+        assert m, f"no LOCAL entry for {name} ({arch}): {body!r}"
+        assert int(m.group(1)) == 0, f"{name} ({arch}) uses {m.group(1)} bytes of local memory (spills)"
+        m = re.search(r"STACK:(\d+)", body)
+        assert m is None or int(m.group(1)) == 0, f"{name} ({arch}) has a stack frame: {body.strip()}"
+
+
+def test_kernel_names_say_what_they_are(sass):
+    for (_, name) in sass:
+        assert "kron" in name or "gate_softmax" in name, f"unexpected kernel name {name}"
