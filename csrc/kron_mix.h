@@ -50,6 +50,46 @@ const char* kron_mix_fused_unsupported(const KronMixParams& p);
 // error, or cudaErrorNotSupported when kron_mix_fused_unsupported(p) != nullptr.
 cudaError_t kron_mix_fused_forward(const KronMixParams& p, cudaStream_t stream);
 
+// Factor gradients of the backward, for float16/bfloat16, per component k of
+// group j (sums over tokens t, X_t and dY_t viewed as in the forward):
+//   dA_k = g_k sum_t dY_t B_k X_t^T,  dB_k = g_k sum_t dY_t^T A_k X_t,
+//   dg_k = <A_k, sum_t dY_t B_k X_t^T>.
+// Per-CTA partial sums go to a float32 workspace and are reduced in a fixed
+// order by a second kernel: the result is deterministic on a given device.
+// (dX is the forward map of the transposed factors: kron_mix_fused_forward.)
+struct KronGradGroupParams {
+  const void* A;   // (r, ma, na), contiguous
+  const void* Bt;  // (r, nb, mb): B transposed, contiguous
+  void* dA;        // (r, ma, na), contiguous output
+  void* dB;        // (r, mb, nb), contiguous output
+  int r, ma, na, mb, nb;
+  int gate_offset;
+};
+
+struct KronGradParams {
+  DType dtype;
+  int64_t tokens;
+  int in, out;
+  const void* x;
+  int64_t x_row_stride;
+  const void* grad_y;
+  int64_t grad_y_row_stride;
+  const void* gates;
+  void* grad_gates;  // sum(r) entries, output
+  int n_groups;
+  KronGradGroupParams groups[kFusedMaxGroups];
+};
+
+// nullptr if the fused factor-gradient kernels take `p`, else why not.
+const char* kron_mix_fused_grad_unsupported(const KronGradParams& p);
+
+// Bytes of device workspace kron_mix_fused_grad_factors needs for `p` on the
+// current device.
+size_t kron_mix_fused_grad_workspace_bytes(const KronGradParams& p);
+
+cudaError_t kron_mix_fused_grad_factors(
+    const KronGradParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
 // softmax(logits * inv_temperature) over rows of length n (contiguous).
 cudaError_t gate_softmax_forward(
     DType dtype, const void* logits, void* out, int64_t rows, int64_t n,

@@ -24,6 +24,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 LOW_PRECISION = ("__half", "__nv_bfloat16")
+# The kron kernels that do the matrix products (the gradient reduction, also a
+# kron kernel, only adds).
+MMA_KERNELS = ("kron_mix_fused_fwd_kernel", "kron_mix_grad_factors_kernel")
 
 
 def cuobjdump() -> str:
@@ -89,23 +92,24 @@ def kron_kernels(table):
     return {k: v for k, v in table.items() if "kron" in k[1]}
 
 
-def test_every_arch_has_low_precision_kron_kernels(sass):
-    kernels = kron_kernels(sass)
-    found = {(arch, t) for (arch, name) in kernels for t in LOW_PRECISION if t in name}
+def test_every_arch_has_the_low_precision_mma_kernels(sass):
+    found = {(arch, k, t) for (arch, name) in sass for k in MMA_KERNELS for t in LOW_PRECISION
+             if k in name and t in name}
     for arch in built_archs():
-        for t in LOW_PRECISION:
-            assert (arch, t) in found, f"no {t} kron kernel compiled for {arch}; kernels: {sorted(kernels)}"
+        for k in MMA_KERNELS:
+            for t in LOW_PRECISION:
+                assert (arch, k, t) in found, (
+                    f"no {k}<{t}> compiled for {arch}; kron kernels: {sorted(kron_kernels(sass))}")
 
 
 def test_low_precision_kron_kernels_use_tensor_cores(sass):
-    kernels = kron_kernels(sass)
     checked = 0
-    for (arch, name), body in kernels.items():
-        if not any(t in name for t in LOW_PRECISION):
+    for (arch, name), body in sass.items():
+        if not any(k in name for k in MMA_KERNELS) or not any(t in name for t in LOW_PRECISION):
             continue
         assert re.search(r"\bH(G)?MMA\b", body), f"{name} ({arch}) has no HMMA/HGMMA instruction"
         checked += 1
-    assert checked > 0
+    assert checked >= 2 * len(MMA_KERNELS) * len(built_archs())
 
 
 def test_kron_kernels_use_no_local_memory(resources):

@@ -14,6 +14,8 @@
 // output tilings differ, it is summed into a float32 shared tile Ys (tt x out),
 // which the epilogue adds to `base` (if any) and writes to y once, coalesced.
 // Nothing of size tokens x components leaves the chip.
+//
+// The factor gradients (second half of this file) use the same tiles.
 #include "../kron_mix.h"
 
 #include <cuda_bf16.h>
@@ -495,6 +497,415 @@ cudaError_t kron_mix_fused_forward(const KronMixParams& p, cudaStream_t stream) 
   if ((p.tokens + plan.tt - 1) / plan.tt > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, plan, stream)
                                      : launch<__half>(p, plan, stream);
+}
+
+
+// ---------------------------------------------------------------------------
+// Factor gradients. Each CTA takes one (component, kind) job and a chunk of
+// token tiles, and computes G = sum_t L_t F R_t^T for its tokens:
+//   kind 0 (dA): L_t = dY_t (ma x mb), F = B_k,   R_t = X_t (na x nb)    -> G_A
+//   kind 1 (dB): L_t = X_t^T (nb x na), F = A_k^T, R_t = dY_t^T (mb x ma) -> G_B^T
+// (G_B^T = sum_t X_t^T A_k^T dY_t, so one kernel serves both). Per tile:
+//   GEMM 1: Qs[i][(t, l)] = sum_j Ls[(t, i)][j] F[j][l]   (M = tt*p, K = q)
+//   GEMM 2: acc[i][v] += sum_{(t, l)} Qs[i][(t, l)] Rs[v][(t, l)]  (K = tt*s)
+// acc stays in registers across the chunk's tiles and is written once to a
+// float32 workspace slot of (chunk, job); a second kernel sums the chunks in
+// order, applies the gate and computes dg. Nothing of size tokens x
+// components leaves the chip.
+
+namespace {
+
+struct GradJob {
+  int p, q, s, u;  // L_t: p x q, F: q x s, R_t: u x s, G: p x u
+  const void* ft;  // F^T (s x q), contiguous: B_k^T (kind 0) or A_k (kind 1)
+  const void* l_src;
+  int64_t l_tstride;
+  int l_si, l_sj;  // L_t[i][j] = l_src[t * l_tstride + i * l_si + j * l_sj]
+  const void* r_src;
+  int64_t r_tstride;
+  int r_si, r_sj;
+};
+
+__host__ __device__ inline GradJob grad_job(const KronGradParams& p, int j, int k, int kind) {
+  const KronGradGroupParams& g = p.groups[j];
+  GradJob job;
+  if (kind == 0) {
+    job.p = g.ma; job.q = g.mb; job.s = g.nb; job.u = g.na;
+    job.ft = static_cast<const char*>(g.Bt) + size_t(k) * g.nb * g.mb * 2;
+    job.l_src = p.grad_y; job.l_tstride = p.grad_y_row_stride; job.l_si = g.mb; job.l_sj = 1;
+    job.r_src = p.x; job.r_tstride = p.x_row_stride; job.r_si = g.nb; job.r_sj = 1;
+  } else {
+    job.p = g.nb; job.q = g.na; job.s = g.ma; job.u = g.mb;
+    job.ft = static_cast<const char*>(g.A) + size_t(k) * g.ma * g.na * 2;
+    job.l_src = p.x; job.l_tstride = p.x_row_stride; job.l_si = 1; job.l_sj = g.nb;
+    job.r_src = p.grad_y; job.r_tstride = p.grad_y_row_stride; job.r_si = 1; job.r_sj = g.mb;
+  }
+  return job;
+}
+
+// The group, the component within it and the float offset of the
+// component's slot (G_A then G_B^T) inside one chunk's workspace.
+__host__ __device__ inline void locate(const KronGradParams& p, int comp, int* j, int* k, int* off) {
+  int o = 0;
+  for (int jj = 0; jj < p.n_groups; ++jj) {
+    const KronGradGroupParams& g = p.groups[jj];
+    if (comp < g.r) {
+      *j = jj;
+      *k = comp;
+      *off = o + comp * (g.ma * g.na + g.mb * g.nb);
+      return;
+    }
+    comp -= g.r;
+    o += g.r * (g.ma * g.na + g.mb * g.nb);
+  }
+  *j = 0; *k = 0; *off = 0;
+}
+
+// M_t[i][j] = src[(t0 + t) * tstride + i * si + j * sj] for i < rows, j < cols
+// into dst[idx(t, i, j)]; tokens t >= nt load as zeros. The loop runs along
+// whichever of i, j is contiguous in memory, so global reads coalesce.
+template <typename T, typename Idx>
+__device__ void load_token_mats(
+    T* dst, Idx idx, const T* src, int64_t t0, int64_t tstride, int nt, int tt, int rows, int cols,
+    int si, int sj) {
+  const int per_t = rows * cols;
+  if (sj == 1 && cols % 8 == 0 && si % 8 == 0 && tstride % 8 == 0 && aligned16(src)) {
+    const int cpr = cols / 8, per_tc = rows * cpr;
+    for (int e = threadIdx.x; e < tt * per_tc; e += kThreads) {
+      const int t = e / per_tc, rem = e - t * per_tc;
+      const int i = rem / cpr, jj = (rem - i * cpr) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (t < nt) v = __ldg(reinterpret_cast<const uint4*>(src + (t0 + t) * tstride + i * si + jj));
+      *reinterpret_cast<uint4*>(dst + idx(t, i, jj)) = v;
+    }
+  } else if (sj == 1) {
+    for (int e = threadIdx.x; e < tt * per_t; e += kThreads) {
+      const int t = e / per_t, rem = e - t * per_t;
+      const int i = rem / cols, jj = rem - i * cols;
+      dst[idx(t, i, jj)] = t < nt ? src[(t0 + t) * tstride + i * si + jj] : Bits<T>::from_float(0.f);
+    }
+  } else {
+    for (int e = threadIdx.x; e < tt * per_t; e += kThreads) {
+      const int t = e / per_t, rem = e - t * per_t;
+      const int jj = rem / rows, i = rem - jj * rows;
+      dst[idx(t, i, jj)] = t < nt ? src[(t0 + t) * tstride + i * si + jj * sj] : Bits<T>::from_float(0.f);
+    }
+  }
+}
+
+// Zeros columns [c0, c1) of rows [0, rows) of a [.][ld] tile.
+template <typename T>
+__device__ void zero_cols(T* s, int ld, int rows, int c0, int c1) {
+  const int w = c1 - c0;
+  if (w <= 0) return;
+  for (int e = threadIdx.x; e < rows * w; e += kThreads) {
+    const int r = e / w;
+    s[r * ld + c0 + (e - r * w)] = Bits<T>::from_float(0.f);
+  }
+}
+
+}  // namespace
+
+struct GradPlan {
+  int tt;        // tokens per tile
+  int tiles;     // ceil(tokens / tt)
+  int n_chunks;  // CTAs per job (chunks of consecutive tiles)
+  int components;
+  int per_chunk;  // workspace floats per chunk
+  int ls_elems, fs_elems, qs_elems, rs_elems;
+  size_t smem_bytes;
+};
+
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    kron_mix_grad_factors_kernel(const KronGradParams p, const GradPlan plan, float* __restrict__ ws) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* ls = reinterpret_cast<T*>(smem_raw);
+  T* fs = ls + plan.ls_elems;
+  T* qs = fs + plan.fs_elems;
+  T* rs = qs + plan.qs_elems;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int kind = blockIdx.y & 1;
+  int j, k, off;
+  locate(p, blockIdx.y >> 1, &j, &k, &off);
+  if (kind == 1) off += p.groups[j].ma * p.groups[j].na;
+  const GradJob job = grad_job(p, j, k, kind);
+  const int tt = plan.tt;
+  const int p16 = round_up(job.p, 16), q16 = round_up(job.q, 16), s16 = round_up(job.s, 16);
+  const int ldl = operand_ld(q16), ldf = ldl;
+  const int n1 = tt * job.p;  // GEMM-1 rows (t, i)
+  const int k2 = tt * job.s;  // GEMM-2 depth (t, l)
+  const int k2_16 = round_up(k2, 16);
+  const int ldq = operand_ld(k2_16), ldr = ldq;
+
+  load_factor<T>(fs, static_cast<const T*>(job.ft), job.s, job.q, s16, q16, ldf);
+  // k padding, never written by the tile loads or GEMM 1.
+  zero_cols<T>(ls, ldl, n1, job.q, q16);
+  zero_cols<T>(qs, ldq, p16, k2, k2_16);
+  zero_cols<T>(rs, ldr, job.u, k2, k2_16);
+
+  const int wm_count = stage2_warps_m(p16);
+  const int wm = warp % wm_count, wn = warp / wm_count;
+  float acc2[kS2TilesM][kS2TilesN][4];
+#pragma unroll
+  for (int i = 0; i < kS2TilesM; ++i)
+#pragma unroll
+    for (int jn = 0; jn < kS2TilesN; ++jn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc2[i][jn][e] = 0.f;
+
+  const int tile_begin = static_cast<int>(int64_t(blockIdx.x) * plan.tiles / plan.n_chunks);
+  const int tile_end = static_cast<int>(int64_t(blockIdx.x + 1) * plan.tiles / plan.n_chunks);
+  const int P = job.p, S = job.s;
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t t0 = int64_t(tile) * tt;
+    const int nt = static_cast<int>(p.tokens - t0 < tt ? p.tokens - t0 : tt);
+    __syncthreads();  // the previous tile's GEMMs are done with Ls, Qs, Rs
+    load_token_mats<T>(
+        ls, [=](int t, int i, int jj) { return (t * P + i) * ldl + jj; },
+        static_cast<const T*>(job.l_src), t0, job.l_tstride, nt, tt, job.p, job.q, job.l_si, job.l_sj);
+    load_token_mats<T>(
+        rs, [=](int t, int v, int l) { return v * ldr + t * S + l; },
+        static_cast<const T*>(job.r_src), t0, job.r_tstride, nt, tt, job.u, job.s, job.r_si, job.r_sj);
+    __syncthreads();
+
+    // GEMM 1: Q[(t, i)][l] = sum_j L[(t, i)][j] F^T[l][j]; M = n1, N = s, K = q16.
+    const int n1_16 = round_up(n1, 16);
+    const int g1_m = (n1_16 + 31) / 32, g1_n = (job.s + 31) / 32;
+    for (int wt = warp; wt < g1_m * g1_n; wt += kWarps) {
+      const int bm = (wt % g1_m) * 32, bn = (wt / g1_m) * 32;
+      float acc1[kS1TilesM][kS1TilesN][4];
+#pragma unroll
+      for (int i = 0; i < kS1TilesM; ++i)
+#pragma unroll
+        for (int jn = 0; jn < kS1TilesN; ++jn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc1[i][jn][e] = 0.f;
+      for (int kk = 0; kk < q16; kk += 16) {
+        uint32_t af[kS1TilesM][4], bf[kS1TilesN][2];
+#pragma unroll
+        for (int i = 0; i < kS1TilesM; ++i)
+          if (bm + 16 * i < n1_16) load_frag_a(af[i], ls, ldl, bm + 16 * i, kk, gid, tig);
+#pragma unroll
+        for (int jn = 0; jn < kS1TilesN; ++jn)
+          if (bn + 8 * jn < job.s) load_frag_b(bf[jn], fs, ldf, bn + 8 * jn, kk, gid, tig);
+#pragma unroll
+        for (int i = 0; i < kS1TilesM; ++i)
+#pragma unroll
+          for (int jn = 0; jn < kS1TilesN; ++jn)
+            if (bm + 16 * i < n1_16 && bn + 8 * jn < job.s) mma_16816<T>(acc1[i][jn], af[i], bf[jn]);
+      }
+      // Scatter to Qs[i][t*s + l].
+#pragma unroll
+      for (int i = 0; i < kS1TilesM; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = bm + 16 * i + gid + 8 * h;
+          if (m >= n1) continue;
+          const int t = m / P, ii = m - t * P;
+          T* row = qs + ii * ldq + t * S;
+#pragma unroll
+          for (int jn = 0; jn < kS1TilesN; ++jn) {
+            const int l = bn + 8 * jn + 2 * tig;
+            if (l >= S) continue;
+            const float v0 = acc1[i][jn][2 * h], v1 = acc1[i][jn][2 * h + 1];
+            if (S % 2 == 0) {
+              *reinterpret_cast<uint32_t*>(row + l) = pack2<T>(v0, v1);
+            } else {
+              row[l] = Bits<T>::from_float(v0);
+              if (l + 1 < S) row[l + 1] = Bits<T>::from_float(v1);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    // GEMM 2: acc[i][v] += sum_{(t, l)} Q[i][(t, l)] R[v][(t, l)]; M = p16, N = u, K = k2_16.
+    for (int kk = 0; kk < k2_16; kk += 16) {
+      uint32_t af[kS2TilesM][4], bf[kS2TilesN][2];
+#pragma unroll
+      for (int i = 0; i < kS2TilesM; ++i)
+        if (wm * 32 + 16 * i < p16) load_frag_a(af[i], qs, ldq, wm * 32 + 16 * i, kk, gid, tig);
+#pragma unroll
+      for (int jn = 0; jn < kS2TilesN; ++jn)
+        if (wn * 64 + 8 * jn < job.u) load_frag_b(bf[jn], rs, ldr, wn * 64 + 8 * jn, kk, gid, tig);
+#pragma unroll
+      for (int i = 0; i < kS2TilesM; ++i)
+#pragma unroll
+        for (int jn = 0; jn < kS2TilesN; ++jn)
+          if (wm * 32 + 16 * i < p16 && wn * 64 + 8 * jn < job.u) mma_16816<T>(acc2[i][jn], af[i], bf[jn]);
+    }
+  }
+
+  // This chunk's partial G (p x u, row-major) into its workspace slot.
+  float* slot = ws + int64_t(blockIdx.x) * plan.per_chunk + off;
+#pragma unroll
+  for (int i = 0; i < kS2TilesM; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c = wm * 32 + 16 * i + gid + 8 * h;
+      if (c >= job.p) continue;
+#pragma unroll
+      for (int jn = 0; jn < kS2TilesN; ++jn) {
+        const int v = wn * 64 + 8 * jn + 2 * tig;
+        if (v < job.u) slot[c * job.u + v] = acc2[i][jn][2 * h];
+        if (v + 1 < job.u) slot[c * job.u + v + 1] = acc2[i][jn][2 * h + 1];
+      }
+    }
+  }
+}
+
+// Sums the chunks of one (component, kind) slot in chunk order, applies the
+// gate, writes dA_k (kind 0) or dB_k (kind 1), and dg_k = <A_k, G_A>.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    kron_mix_grad_reduce_kernel(const KronGradParams p, const GradPlan plan, const float* __restrict__ ws) {
+  __shared__ float warp_sums[kWarps];
+  const int kind = blockIdx.y;
+  int j, k, off;
+  locate(p, blockIdx.x, &j, &k, &off);
+  const KronGradGroupParams& g = p.groups[j];
+  const float gk = Bits<T>::to_float(static_cast<const T*>(p.gates)[g.gate_offset + k]);
+  float dg = 0.f;
+  if (kind == 0) {
+    const int n = g.ma * g.na;
+    const T* A = static_cast<const T*>(g.A) + int64_t(k) * n;
+    T* dA = static_cast<T*>(g.dA) + int64_t(k) * n;
+    for (int e = threadIdx.x; e < n; e += kThreads) {
+      float s = 0.f;
+      for (int c = 0; c < plan.n_chunks; ++c) s += ws[int64_t(c) * plan.per_chunk + off + e];
+      dA[e] = Bits<T>::from_float(gk * s);
+      dg += Bits<T>::to_float(A[e]) * s;
+    }
+  } else {
+    const int n = g.mb * g.nb;
+    off += g.ma * g.na;
+    T* dB = static_cast<T*>(g.dB) + int64_t(k) * n;
+    for (int e = threadIdx.x; e < n; e += kThreads) {  // e = b * mb + d in G_B^T
+      float s = 0.f;
+      for (int c = 0; c < plan.n_chunks; ++c) s += ws[int64_t(c) * plan.per_chunk + off + e];
+      const int b = e / g.mb, d = e - b * g.mb;
+      dB[d * g.nb + b] = Bits<T>::from_float(gk * s);
+    }
+    return;  // whole block: kind is uniform
+  }
+  for (int o = 16; o > 0; o >>= 1) dg += __shfl_xor_sync(0xffffffffu, dg, o);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = dg;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+    static_cast<T*>(p.grad_gates)[g.gate_offset + k] = Bits<T>::from_float(total);
+  }
+}
+
+int sm_count() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
+  static int cache[64] = {0};
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  int v = 1;
+  cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+  if (dev >= 0 && dev < 64) cache[dev] = v;
+  return v;
+}
+
+const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    return "the fused kernel takes float16/bfloat16 only";
+  if (p.n_groups < 1 || p.n_groups > kFusedMaxGroups) return "more groups than the fused kernel takes (8)";
+  if (p.tokens < 0) return "negative token count";
+  GradPlan q{};
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGradGroupParams& g = p.groups[j];
+    if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
+    if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
+        g.nb > kFusedMaxFactorDim)
+      return "a factor dimension exceeds the fused kernel's limit (128)";
+    q.components += g.r;
+    q.per_chunk += g.r * (g.ma * g.na + g.mb * g.nb);
+  }
+  const size_t limit = static_cast<size_t>(max_dynamic_smem());
+  // Larger tiles mean fewer barriers per token; 8 tokens already give GEMM 2
+  // a depth of 8*s.
+  int tt = 8;
+  if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
+  for (; tt >= 1; --tt) {
+    q.ls_elems = q.fs_elems = q.qs_elems = q.rs_elems = 0;
+    for (int j = 0; j < p.n_groups; ++j) {
+      for (int kind = 0; kind < 2; ++kind) {
+        const GradJob job = grad_job(p, j, 0, kind);
+        const int q16 = round_up(job.q, 16), k2_16 = round_up(tt * job.s, 16);
+        auto mx = [](int& a, int b) { a = a > b ? a : b; };
+        mx(q.ls_elems, round_up(tt * job.p, 16) * operand_ld(q16));
+        mx(q.fs_elems, round_up(job.s, 16) * operand_ld(q16));
+        mx(q.qs_elems, round_up(job.p, 16) * operand_ld(k2_16));
+        mx(q.rs_elems, round_up(job.u, 8) * operand_ld(k2_16));
+      }
+    }
+    q.smem_bytes = size_t(q.ls_elems + q.fs_elems + q.qs_elems + q.rs_elems) * 2;
+    if (q.smem_bytes <= limit) break;
+  }
+  if (tt < 1) return "the factor shapes need more shared memory than the device has";
+  q.tt = tt;
+  const int64_t tiles = (p.tokens + tt - 1) / tt;
+  if (tiles > 0x7fffffff) return "too many tokens";
+  q.tiles = static_cast<int>(tiles);
+  // About two CTAs per SM over all jobs; never more chunks than tiles.
+  const int jobs = 2 * q.components;
+  int chunks = (2 * sm_count() + jobs - 1) / jobs;
+  if (chunks > q.tiles) chunks = q.tiles;
+  q.n_chunks = chunks;
+  if (plan) *plan = q;
+  return nullptr;
+}
+
+template <typename T>
+cudaError_t launch_grad(const KronGradParams& p, const GradPlan& plan, float* ws, cudaStream_t stream) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  static bool configured[64] = {false};
+  if (dev < 0 || dev >= 64 || !configured[dev]) {
+    err = cudaFuncSetAttribute(
+        kron_mix_grad_factors_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < 64) configured[dev] = true;
+  }
+  if (plan.n_chunks > 0) {
+    kron_mix_grad_factors_kernel<T>
+        <<<dim3(plan.n_chunks, 2 * plan.components), kThreads, plan.smem_bytes, stream>>>(p, plan, ws);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  kron_mix_grad_reduce_kernel<T><<<dim3(plan.components, 2), kThreads, 0, stream>>>(p, plan, ws);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+const char* kron_mix_fused_grad_unsupported(const KronGradParams& p) { return make_grad_plan(p, nullptr); }
+
+size_t kron_mix_fused_grad_workspace_bytes(const KronGradParams& p) {
+  GradPlan plan;
+  if (make_grad_plan(p, &plan) != nullptr) return 0;
+  return size_t(plan.n_chunks) * plan.per_chunk * sizeof(float);
+}
+
+cudaError_t kron_mix_fused_grad_factors(
+    const KronGradParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  GradPlan plan;
+  if (make_grad_plan(p, &plan) != nullptr) return cudaErrorNotSupported;
+  if (workspace_bytes < size_t(plan.n_chunks) * plan.per_chunk * sizeof(float)) return cudaErrorInvalidValue;
+  if (2 * plan.components > 65535) return cudaErrorInvalidConfiguration;  // grid.y
+  float* ws = static_cast<float*>(workspace);
+  return p.dtype == DType::kBFloat16 ? launch_grad<__nv_bfloat16>(p, plan, ws, stream)
+                                     : launch_grad<__half>(p, plan, ws, stream);
 }
 
 }  // namespace cuda

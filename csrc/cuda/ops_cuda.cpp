@@ -10,9 +10,11 @@
 //    GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default), which
 //    is the explicit TF32 opt-in.
 // MOKA_CUDA_IMPL=fused makes an unsupported shape an error instead of a silent
-// fallback (for tests and benchmarks). The backward computes dX with the fused
-// forward kernel applied to (dY, A^T, B^T) and dA, dB, dg with GEMMs; every
-// reduction is a GEMM or a sum, none uses atomics.
+// fallback (for tests and benchmarks). The fused backward computes dX with the
+// forward kernel applied to (dY, A^T, B^T), and dA, dB, dg with the factor-
+// gradient kernels (per-CTA partials in a workspace, reduced in a fixed order);
+// the reshape-matmul backward uses GEMMs and sums. No path uses atomics, so
+// gradients are deterministic on a given device.
 #include "../kron_mix.h"
 #include "../validate.h"
 
@@ -265,14 +267,54 @@ kron_mix_backward_cuda(
   const auto st = transposed(s);
   const bool fused_dx = use_fused(st, dtype, "kron_mix_backward");
   at::Tensor gx;
+  if (!fused_dx) gx = at::zeros({T, s.in}, x.options().dtype(acc));
   if (fused_dx) {
-    std::vector<at::Tensor> At, Bt;
+    std::vector<at::Tensor> At, Bt;  // contiguous transposed factors
     for (const auto& a : A) At.push_back(a.transpose(1, 2).contiguous());
     for (const auto& b : B) Bt.push_back(b.transpose(1, 2).contiguous());
     gx = at::empty({T, s.in}, x.options());
     launch_fused(st, gy2d, At, Bt, gates, nullptr, gx);
-  } else {
-    gx = at::zeros({T, s.in}, x.options().dtype(acc));
+
+    // dA, dB, dg: the fused factor-gradient kernels when they take the shapes.
+    const auto Ac = contiguous_all(A);
+    const auto gc = gates.contiguous();
+    std::vector<at::Tensor> gA, gB;
+    auto gg = at::empty({s.components}, x.options());
+    cuda::KronGradParams p{};
+    p.dtype = to_dtype(dtype);
+    p.tokens = T;
+    p.in = static_cast<int>(s.in);
+    p.out = static_cast<int>(s.out);
+    p.x = x2d.data_ptr();
+    p.x_row_stride = x2d.stride(0);
+    p.grad_y = gy2d.data_ptr();
+    p.grad_y_row_stride = gy2d.stride(0);
+    p.gates = gc.data_ptr();
+    p.grad_gates = gg.data_ptr();
+    p.n_groups = static_cast<int>(s.groups.size());
+    for (size_t j = 0; j < s.groups.size(); ++j) {
+      const auto& g = s.groups[j];
+      gA.push_back(at::empty({g.r, g.ma, g.na}, x.options()));
+      gB.push_back(at::empty({g.r, g.mb, g.nb}, x.options()));
+      p.groups[j] = cuda::KronGradGroupParams{
+          Ac[j].data_ptr(), Bt[j].data_ptr(), gA[j].data_ptr(), gB[j].data_ptr(),
+          static_cast<int>(g.r), static_cast<int>(g.ma), static_cast<int>(g.na),
+          static_cast<int>(g.mb), static_cast<int>(g.nb), static_cast<int>(g.gate_offset)};
+    }
+    const char* why = cuda::kron_mix_fused_grad_unsupported(p);
+    TORCH_CHECK(
+        why == nullptr || requested_impl() != Impl::kFused,
+        "kron_mix_backward: MOKA_CUDA_IMPL=fused, but the factor-gradient kernel declines: ", why);
+    if (why == nullptr) {
+      const size_t bytes = cuda::kron_mix_fused_grad_workspace_bytes(p);
+      auto ws = at::empty(
+          {static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+          x.options().dtype(at::kFloat));
+      check_cuda(
+          cuda::kron_mix_fused_grad_factors(p, ws.data_ptr(), bytes, at::cuda::getCurrentCUDAStream()),
+          "kron_mix fused factor-gradient launch");
+      return {gx.view(x.sizes()), gA, gB, gg};
+    }
   }
 
   std::vector<at::Tensor> gA, gB;
