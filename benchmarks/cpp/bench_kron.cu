@@ -8,8 +8,10 @@
 //             batched GEMM Y_t += g_k A_k Z_t,k over tokens
 //   dense   : y = x dW^T with the materialized dW (out x in)
 // for the forward, and for the backward's input gradient dX = sum g A^T dY B
-// (the same three on the transposed problem; dense: dX = dY dW). dA/dB/dg are
-// not timed here (bench_ops.py times the whole backward through torch).
+// (the same three on the transposed problem; dense: dX = dY dW). Rows "bwd"
+// time the whole fused backward (dX + the factor-gradient kernels) against
+// the dense backward (dX = dY dW plus dW = dY^T X); the cuBLAS reshape-matmul
+// dA/dB needs permutes and is timed through torch by bench_ops.py instead.
 // Ceilings measured in the same run: device-to-device cudaMemcpy bandwidth and
 // a large cuBLAS bf16 GEMM. Columns: time, GB/s (x read + y written), TFLOP/s
 // (useful adapter FLOPs), % of copy bandwidth, % of GEMM ceiling, speedups.
@@ -233,6 +235,65 @@ std::vector<Shape> shapes_for(int r) {
   return v;
 }
 
+// The whole backward of the original layer `f`: fused dX (already timed as
+// ms_dx) + dA/dB/dg, against dense dX + dW = dY^T X. `prob` holds the
+// transposed factors, whose buffers have the sizes of A and B^T; dy is
+// T x f.out and x is T x f.in (values do not matter for timing).
+void backward_row(cublasHandle_t h, const Shape& f, const Problem& prob, int r, int64_t T, const __nv_bfloat16* dy,
+                  const __nv_bfloat16* x, const char* dx_why, double ms_dx, double ms_dense_dx, const Ceilings& ceil) {
+  moka::cuda::KronGradParams gp{};
+  gp.dtype = moka::cuda::DType::kBFloat16;
+  gp.tokens = T;
+  gp.in = f.in;
+  gp.out = f.out;
+  gp.x = x;
+  gp.x_row_stride = f.in;
+  gp.grad_y = dy;
+  gp.grad_y_row_stride = f.out;
+  gp.gates = prob.gates->p;
+  Buf gg(prob.components);
+  gp.grad_gates = gg.p;
+  gp.n_groups = static_cast<int>(f.groups.size());
+  std::vector<Buf*> bufs;
+  double grad_flops = 0;
+  int off = 0;
+  for (size_t j = 0; j < f.groups.size(); ++j) {
+    const Group& g = f.groups[j];
+    bufs.push_back(new Buf(size_t(g.r) * g.ma * g.na));
+    bufs.push_back(new Buf(size_t(g.r) * g.mb * g.nb));
+    gp.groups[j] = {prob.A[j]->p, prob.B[j]->p, bufs[bufs.size() - 2]->p, bufs.back()->p,
+                    g.r, g.ma, g.na, g.mb, g.nb, off};
+    off += g.r;
+    grad_flops += 4.0 * g.r * (double(g.ma) * g.mb * g.nb + double(g.ma) * g.na * g.nb) * T;
+  }
+  // Dense dW = dY^T X (out x in, K = T); column-major: dW^T = X^T dY.
+  Buf dW(size_t(f.out) * f.in);
+  const float one = 1.f, zero = 0.f;
+  const double ms_dense_dw = time_ms([&] {
+    CK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, f.in, f.out, static_cast<int>(T), &one, x, CUDA_R_16BF, f.in, dy,
+                    CUDA_R_16BF, f.out, &zero, dW.p, CUDA_R_16BF, f.in, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  });
+  const double ms_dense = ms_dense_dx + ms_dense_dw;
+  const char* why = dx_why ? dx_why : moka::cuda::kron_mix_fused_grad_unsupported(gp);
+  if (why != nullptr) {
+    std::printf("%-6s %-32s %2d %6lld %-6s n/a (%s); dense %.4f ms\n", "bwd", f.name.c_str(), r,
+                static_cast<long long>(T), "fused", why, ms_dense);
+  } else {
+    const size_t ws_bytes = moka::cuda::kron_mix_fused_grad_workspace_bytes(gp);
+    void* ws = nullptr;
+    CK(cudaMalloc(&ws, std::max<size_t>(ws_bytes, 16)));
+    const double ms_grad = time_ms([&] { CK(moka::cuda::kron_mix_fused_grad_factors(gp, ws, ws_bytes, 0)); });
+    CK(cudaFree(ws));
+    const double ms = ms_dx + ms_grad;
+    const double bytes = 2.0 * T * (2.0 * f.in + f.out);  // read x and dY, write dX
+    const double gbs = bytes / ms / 1e6, tf = (prob.flops(T) + grad_flops) / ms / 1e9;
+    std::printf("%-6s %-32s %2d %6lld %-6s %9.4f %8.0f %8.1f %5.0f%% %5.0f%% %9s %9.4f %8s %7.2fx  (dX %.4f + dA/dB/dg %.4f ms)\n",
+                "bwd", f.name.c_str(), r, static_cast<long long>(T), "fused", ms, gbs, tf, 100 * gbs / ceil.copy_gbs,
+                100 * tf / ceil.gemm_tflops, "-", ms_dense, "-", ms_dense / ms, ms_dx, ms_grad);
+  }
+  for (auto* b : bufs) delete b;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -288,6 +349,7 @@ int main(int argc, char** argv) {
           else std::printf("%-6s %-32s %2d %6lld %-6s n/a (%s)\n", pass == 0 ? "fwd" : "bwd_dx", s.name.c_str(), r,
                            static_cast<long long>(T), "fused", why);
           row("cublas", ms_cublas);
+          if (pass == 1) backward_row(h, fwd_shape, prob, r, T, x.p, y.p, why, ms_fused, ms_dense, ceil);
         }
       }
     }
