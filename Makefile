@@ -14,7 +14,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -na
 
 export HF_HUB_OFFLINE = 1
 
-.PHONY: demo test bench bench-full build info clean
+.PHONY: demo test bench bench-full bench-cpp build info clean
 
 demo: $(BUILT)
 	$(BIN)/moka finetune $(ARGS)
@@ -49,3 +49,9 @@ $(BUILT): $(DEPS) $(SOURCES)
 
 clean:
 	rm -rf build *.egg-info moka_ext/*.so csrc/build_config.h $(BUILT)
+
+# The C++ microbenchmarks of the CUDA kernels against cuBLAS (needs nvcc; runs on a GPU).
+bench-cpp: $(DEPS)
+	cmake -S . -B benchmarks/cpp/build -DCMAKE_CUDA_ARCHITECTURES=$(or $(CUDA_ARCHS),90a) -DMOKA_PYTHON=$(abspath $(BIN)/python)
+	cmake --build benchmarks/cpp/build -j
+	benchmarks/cpp/build/bench_kron $(ARGS)
