@@ -23,12 +23,19 @@
 namespace moka {
 namespace {
 
-// Tokens per tile: about 64K accumulator elements per buffer (256 KiB in
-// float32), at least 1, at most 64.
+// Largest ma*nb over the groups: the width of the per-token intermediate W.
+int64_t intermediate_width(const KronMixShape& s) {
+  int64_t w = 1;
+  for (const auto& g : s.groups) w = std::max(w, g.ma * g.nb);
+  return w;
+}
+
+// Tokens per tile: about 128K accumulator elements per buffer (512 KiB in
+// float32; a forward tile's three buffers fit a 2 MiB L2), 1 to 256 tokens.
+// Large tiles matter for narrow layers, where per-GEMM call overhead dominates.
 int64_t tile_tokens(const KronMixShape& s) {
-  int64_t width = std::max<int64_t>({s.in, s.out, 1});
-  for (const auto& g : s.groups) width = std::max(width, g.ma * g.nb);
-  return std::clamp<int64_t>((int64_t{1} << 16) / width, 1, 64);
+  const int64_t width = std::max<int64_t>({s.in, s.out, intermediate_width(s)});
+  return std::clamp<int64_t>((int64_t{1} << 17) / width, 1, 256);
 }
 
 at::ScalarType acc_type(at::ScalarType t) {
@@ -57,43 +64,68 @@ Operands widen(
   return o;
 }
 
-// Xp[a, t, b] = x_tile[t, a*nb + b], widened to `acc`.
-at::Tensor factor_major(const at::Tensor& tile, int64_t p, int64_t q, at::ScalarType acc) {
-  const int64_t n = tile.size(0);
-  auto out = at::empty({p, n, q}, tile.options().dtype(acc));
-  out.copy_(tile.view({n, p, q}).transpose(0, 1));
-  return out;
+// A thread's scratch, allocated once per parallel chunk and viewed per tile:
+// fresh tile-sized allocations would each be a new mapping and its page faults.
+at::Tensor scratch(const at::Tensor& like, at::ScalarType acc, int64_t numel) {
+  return at::empty({numel}, like.options().dtype(acc));
 }
 
-// y (tokens, out) = [base +] sum over groups and components.
+// Xp[a, t, b] = tile[t, a*q + b], into `buf` (widening to its dtype).
+at::Tensor factor_major(const at::Tensor& buf, const at::Tensor& tile, int64_t p, int64_t q) {
+  const int64_t n = tile.size(0);
+  auto out = buf.narrow(0, 0, p * n * q).view({p, n, q});
+  out.copy_(tile.view({n, p, q}).transpose(0, 1));
+  return out.view({p, n * q});
+}
+
+// y (tokens, out) = [y +] sum over groups and components: with `accumulate`
+// y holds base, else it is uninitialized and the first group writes it.
 void forward_into(
     at::Tensor& y,
     const at::Tensor& x2d,
     const KronMixShape& s,
-    const Operands& ops) {
+    const Operands& ops,
+    bool accumulate) {
   const auto acc = acc_type(x2d.scalar_type());
+  const bool widen_y = y.scalar_type() != acc;
   const int64_t tile = tile_tokens(s);
   const int64_t n_tiles = (s.tokens + tile - 1) / tile;
+  const int64_t w_width = intermediate_width(s);
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    auto xp_buf = scratch(x2d, acc, tile * s.in);
+    auto w_buf = scratch(x2d, acc, tile * w_width);
+    auto yp_buf = scratch(x2d, acc, tile * s.out);
+    auto acc_buf = widen_y ? scratch(x2d, acc, tile * s.out) : at::Tensor();
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t0 = it * tile;
       const int64_t n = std::min(tile, s.tokens - t0);
       auto x_tile = x2d.narrow(0, t0, n);
       auto y_tile = y.narrow(0, t0, n);
-      // The output tile, in acc dtype; y already holds base (or zeros).
-      auto y_acc = y_tile.scalar_type() == acc ? y_tile : y_tile.to(acc);
+      auto y_acc = y_tile;
+      if (widen_y) {
+        y_acc = acc_buf.narrow(0, 0, n * s.out).view({n, s.out});
+        if (accumulate) y_acc.copy_(y_tile);
+      }
       for (size_t j = 0; j < s.groups.size(); ++j) {
         const auto& g = s.groups[j];
-        auto Xp = factor_major(x_tile, g.na, g.nb, acc).view({g.na, n * g.nb});
-        auto Yp = at::zeros({g.ma * n, g.mb}, Xp.options());
+        auto Xp = factor_major(xp_buf, x_tile, g.na, g.nb);
+        auto W = w_buf.narrow(0, 0, g.ma * n * g.nb).view({g.ma, n * g.nb});
+        auto Yp = yp_buf.narrow(0, 0, g.ma * n * g.mb).view({g.ma * n, g.mb});
         for (int64_t k = 0; k < g.r; ++k) {
-          auto W = at::mm(ops.A[j][k], Xp).view({g.ma * n, g.nb});
-          Yp.addmm_(W, ops.B[j][k].t(), 1.0, ops.gates[g.gate_offset + k]);
+          at::mm_out(W, ops.A[j][k], Xp);
+          // beta = 0 on the first component: Yp's old contents are ignored.
+          Yp.addmm_(W.view({g.ma * n, g.nb}), ops.B[j][k].t(), k == 0 ? 0.0 : 1.0,
+                    ops.gates[g.gate_offset + k]);
         }
-        y_acc.view({n, g.ma, g.mb}).add_(Yp.view({g.ma, n, g.mb}).transpose(0, 1));
+        auto Yt = Yp.view({g.ma, n, g.mb}).transpose(0, 1);
+        if (j == 0 && !accumulate) {
+          y_acc.view({n, g.ma, g.mb}).copy_(Yt);
+        } else {
+          y_acc.view({n, g.ma, g.mb}).add_(Yt);
+        }
       }
-      if (!y_acc.is_same(y_tile)) y_tile.copy_(y_acc);
+      if (widen_y) y_tile.copy_(y_acc);
     }
   });
 }
@@ -114,8 +146,8 @@ at::Tensor kron_mix_cpu(
     at::TensorList B,
     const at::Tensor& gates) {
   const auto s = check_kron_mix_args("kron_mix", x, A, B, gates);
-  auto y = at::zeros({s.tokens, s.out}, x.options());
-  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, acc_type(x.scalar_type())));
+  auto y = at::empty({s.tokens, s.out}, x.options());
+  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, acc_type(x.scalar_type())), false);
   return y.view(out_sizes(x, s.out));
 }
 
@@ -128,7 +160,7 @@ at::Tensor kron_mix_add_cpu(
   const auto s = check_kron_mix_args("kron_mix_add", x, A, B, gates);
   check_like_output("kron_mix_add", "base", base, x, s.out);
   auto y = base.reshape({s.tokens, s.out}).clone(at::MemoryFormat::Contiguous);
-  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, acc_type(x.scalar_type())));
+  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, acc_type(x.scalar_type())), true);
   return y.view(out_sizes(x, s.out));
 }
 
@@ -152,7 +184,7 @@ kron_mix_backward_cpu(
   const auto ops = widen(A, B, gates, acc);
   const auto x2d = flat_tokens(x, s, s.in);
   const auto gy2d = flat_tokens(grad_y, s, s.out);
-  auto gx = at::zeros({s.tokens, s.in}, x.options());
+  auto gx = at::empty({s.tokens, s.in}, x.options());  // the first group writes it
 
   const int64_t tile = tile_tokens(s);
   const int64_t n_tiles = (s.tokens + tile - 1) / tile;
@@ -166,8 +198,15 @@ kron_mix_backward_cpu(
     GB.push_back(at::zeros({n_chunks, g.r, g.mb, g.nb}, x.options().dtype(acc)));
   }
 
+  const bool widen_x = x.scalar_type() != acc;
+  const int64_t w_width = intermediate_width(s);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    auto xp_buf = scratch(x2d, acc, tile * s.in);
+    auto dyp_buf = scratch(x2d, acc, tile * s.out);
+    auto w_buf = scratch(x2d, acc, tile * w_width);  // W, then P
+    auto dxp_buf = scratch(x2d, acc, tile * s.in);
+    auto acc_buf = widen_x ? scratch(x2d, acc, tile * s.in) : at::Tensor();
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t it_begin = c * n_tiles / n_chunks;
       const int64_t it_end = (c + 1) * n_tiles / n_chunks;
@@ -177,23 +216,33 @@ kron_mix_backward_cpu(
         auto x_tile = x2d.narrow(0, t0, n);
         auto gy_tile = gy2d.narrow(0, t0, n);
         auto gx_tile = gx.narrow(0, t0, n);
-        auto gx_acc = gx_tile.scalar_type() == acc ? gx_tile : gx_tile.to(acc);
+        auto gx_acc = gx_tile;
+        if (widen_x) gx_acc = acc_buf.narrow(0, 0, n * s.in).view({n, s.in});
         for (size_t j = 0; j < s.groups.size(); ++j) {
           const auto& g = s.groups[j];
-          auto Xp = factor_major(x_tile, g.na, g.nb, acc).view({g.na, n * g.nb});
-          auto dYp = factor_major(gy_tile, g.ma, g.mb, acc).view({g.ma * n, g.mb});
-          auto dXp = at::zeros({g.na, n * g.nb}, Xp.options());
+          auto Xp = factor_major(xp_buf, x_tile, g.na, g.nb);
+          auto dYp = factor_major(dyp_buf, gy_tile, g.ma, g.mb).view({g.ma * n, g.mb});
+          auto dXp = dxp_buf.narrow(0, 0, g.na * n * g.nb).view({g.na, n * g.nb});
+          auto WP = w_buf.narrow(0, 0, g.ma * n * g.nb);
           for (int64_t k = 0; k < g.r; ++k) {
             const auto& Ak = ops.A[j][k];
-            auto W = at::mm(Ak, Xp).view({g.ma * n, g.nb});
-            GB[j][c][k].addmm_(dYp.t(), W);
-            auto P = at::mm(dYp, ops.B[j][k]).view({g.ma, n * g.nb});
-            GA[j][c][k].addmm_(P, Xp.t());
-            dXp.addmm_(Ak.t(), P, 1.0, ops.gates[g.gate_offset + k]);
+            auto W = WP.view({g.ma, n * g.nb});
+            at::mm_out(W, Ak, Xp);
+            GB[j][c][k].addmm_(dYp.t(), W.view({g.ma * n, g.nb}));
+            auto P = WP.view({g.ma * n, g.nb});  // W is spent: P takes its place
+            at::mm_out(P, dYp, ops.B[j][k]);
+            GA[j][c][k].addmm_(P.view({g.ma, n * g.nb}), Xp.t());
+            dXp.addmm_(Ak.t(), P.view({g.ma, n * g.nb}), k == 0 ? 0.0 : 1.0,
+                       ops.gates[g.gate_offset + k]);
           }
-          gx_acc.view({n, g.na, g.nb}).add_(dXp.view({g.na, n, g.nb}).transpose(0, 1));
+          auto dXt = dXp.view({g.na, n, g.nb}).transpose(0, 1);
+          if (j == 0) {
+            gx_acc.view({n, g.na, g.nb}).copy_(dXt);
+          } else {
+            gx_acc.view({n, g.na, g.nb}).add_(dXt);
+          }
         }
-        if (!gx_acc.is_same(gx_tile)) gx_tile.copy_(gx_acc);
+        if (widen_x) gx_tile.copy_(gx_acc);
       }
     }
   });
