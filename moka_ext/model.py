@@ -8,6 +8,7 @@ what ``load_adapter`` validates a file against before touching a model),
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -162,17 +163,8 @@ def apply_moka(model: nn.Module, config: MoKAConfig) -> nn.Module:
         p.requires_grad_(False)
     for name, plan in plans.items():
         s = plan.settings
-        layer = MoKALinear(
-            model.get_submodule(name),
-            r=s.r,
-            shapes=list(plan.shapes),
-            variant=s.variant,
-            gating=s.gating,
-            temperature=s.temperature,
-            scale=s.scale,
-            dropout=s.dropout,
-            init=s.init,
-        )
+        kwargs = dataclasses.asdict(s) | {"shapes": list(plan.shapes)}
+        layer = MoKALinear(model.get_submodule(name), **kwargs)
         _set_submodule(model, name, layer)
     model.moka_config = config
     return model

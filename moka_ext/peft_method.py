@@ -11,6 +11,8 @@ imported (see ``moka_ext/__init__.py``).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import enum
 
 from torch import nn
@@ -110,19 +112,7 @@ class MoKAModel(BaseTuner):
             raise ValueError(f"module {current_key!r} already carries a MoKA adapter (one adapter per model)")
         s = moka_config.resolve(current_key)
         try:
-            new = PeftMoKALinear(
-                target,
-                adapter_name,
-                r=s.r,
-                shapes=s.shapes,
-                variant=s.variant,
-                gating=s.gating,
-                temperature=s.temperature,
-                scale=s.scale,
-                dropout=s.dropout,
-                init=s.init,
-                budget=s.budget,
-            )
+            new = PeftMoKALinear(target, adapter_name, **dataclasses.asdict(s))
         except (TypeError, ValueError) as e:
             raise type(e)(f"MoKA: module {current_key!r}: {e}") from None
         if adapter_name not in self.active_adapters:
