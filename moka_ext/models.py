@@ -53,6 +53,8 @@ def _publish_dir(build, target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        if not (tmp / "config.json").exists() or not any(tmp.glob("*.safetensors")):
+            raise ModelError(f"building {target.name} wrote no model files into {tmp}")
         try:
             os.rename(tmp, target)
         except OSError:

@@ -420,10 +420,18 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
         wall_start = time.perf_counter()
         torch.manual_seed(cfg.seed)
 
+        # Rank 0 fills the caches (model conversion, data extraction) while the others wait:
+        # under torch.distributed, transformers' save_pretrained writes only on rank 0.
         # Bad data fails here, before the (slower) model load and before any output.
-        records = data.load_task(cfg.task, "train", seed=cfg.seed)
         eval_task = cfg.resolved_eval_task()
-        questions = data.load_eval_task(eval_task, cfg.eval_limit) if eval_task else []
+        if dist.main:
+            models.model_dir(cfg.model)
+            records = data.load_task(cfg.task, "train", seed=cfg.seed)
+            questions = data.load_eval_task(eval_task, cfg.eval_limit) if eval_task else []
+        dist.barrier()
+        if not dist.main:
+            records = data.load_task(cfg.task, "train", seed=cfg.seed)
+            questions = data.load_eval_task(eval_task, cfg.eval_limit) if eval_task else []
 
         model, tokenizer = models.load_model(cfg.model, cfg.quant, dist.device, bf16=cfg.bf16)
         model = baselines.apply_method(model, cfg.method, cfg.r, cfg.quant, cfg.dropout)
