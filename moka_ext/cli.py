@@ -116,7 +116,8 @@ def cmd_eval(args) -> int:
     model, tokenizer = models.load_model(args.model, args.quant, device, bf16=args.bf16)
     if args.adapter:
         model = baselines.load_method_adapter(model, args.adapter)
-        model.to(device)
+        if args.quant == "none":  # bitsandbytes models are placed by device_map and refuse .to()
+            model.to(device)
     t0 = time.perf_counter()
     res = evaluate.evaluate(model, tokenizer, questions, batch_size=args.batch_size, bf16=args.bf16, progress=True)
     res.update(task=args.task, model=args.model, quant=args.quant, adapter=args.adapter,

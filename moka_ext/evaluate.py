@@ -120,8 +120,8 @@ def _with_progress(model, requests, batch_size, bf16, progress, desc):
         return loglikelihoods(model, requests, batch_size, bf16=bf16)
     from tqdm.auto import tqdm
 
-    # Chunks of a few batches keep the longest-first ordering useful while the bar moves.
-    chunk = batch_size * 8
+    # Chunks of two batches: the longest-first ordering still groups lengths, and the bar moves.
+    chunk = batch_size * 2
     out = []
     with tqdm(total=len(requests), desc=desc, unit="choice", leave=False) as bar:
         for s in range(0, len(requests), chunk):

@@ -372,13 +372,17 @@ def save_final_adapter(model, method: str, out: Path) -> Path:
 
 
 def _versions() -> dict:
-    import peft
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
     import moka_ext
 
-    return {"moka_ext": moka_ext.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
+    out = {"moka_ext": moka_ext.__version__, "torch": torch.__version__}
+    for dist_name in ("transformers", "peft", "bitsandbytes"):
+        try:
+            out[dist_name] = version(dist_name)
+        except PackageNotFoundError:  # e.g. a GPU box without bitsandbytes
+            out[dist_name] = None
+    return out
 
 
 # --------------------------------------------------------------- the run
@@ -435,7 +439,8 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
 
         model, tokenizer = models.load_model(cfg.model, cfg.quant, dist.device, bf16=cfg.bf16)
         model = baselines.apply_method(model, cfg.method, cfg.r, cfg.quant, cfg.dropout)
-        model.to(dist.device)
+        if cfg.quant == "none":  # bitsandbytes models are placed by device_map and refuse .to()
+            model.to(dist.device)
         params = baselines.trainable_parameters(model)
         dataset = data.TrainingSet(records, tokenizer, cfg.seq_len)
         stream = MicroBatches(dataset, cfg.batch_size, dist, cfg.seed, data.make_collator(tokenizer))

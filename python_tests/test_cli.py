@@ -145,3 +145,24 @@ def test_resume_refuses_another_configuration_and_a_used_dir(finished_run, capsy
 
 def test_resume_without_checkpoint(tmp_path, capsys):
     _fails(["finetune", *TINY_RUN, *STEPS, "--resume", "--output-dir", str(tmp_path / "none")], capsys, "no checkpoint")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_qlora_baselines_learn_in_every_layer_after_a_no_grad_evaluation(tmp_path, capsys, method):
+    """QLoRA/QDoRA on the NF4 tiny model through the same loop. The evaluation before training
+    runs in eval mode without gradients, which on AVX512-BF16 CPUs would repack the 4-bit weights
+    into a layout without autograd; the lowest layer's adapter only learns if input gradients
+    still flow through every 4-bit layer above it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / method
+    assert cli.main(["finetune", *TINY_RUN, "--quant", "nf4", "--method", method, "--max-steps", "3",
+                     "--output-dir", str(out)]) == 0
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    lowest_b = [v for k, v in weights.items() if "layers.0." in k and "lora_B" in k]
+    assert lowest_b and all(v.abs().sum() > 0 for v in lowest_b)  # lora_B starts at zero
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", "tiny", "--quant", "nf4", "--adapter", str(out / "adapter"),
+                     "--task", "arc_easy", "--limit", "6", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["acc"] == metrics(out)["accuracy"]["after"]["acc"]
