@@ -17,10 +17,11 @@ import os
 import sys
 import time
 
-# Sized on a 2-core CPU (see docs): ~0.8 s per step at batch 8, plus two evaluations of
-# DEFAULT_EVAL_LIMIT questions at ~4.5 questions/s each.
-DEFAULT_MAX_STEPS = 300
-DEFAULT_EVAL_LIMIT = 300
+# Sized for about ten minutes on an idle 2-core CPU with SmolLM2-135M in NF4 + MoKA: a few
+# seconds per step at batch 8, and two evaluations of 100 ARC-Easy questions (400 choices each).
+# The adapter's CPU kernel dominates both; see docs_main_job.md for measured times.
+DEFAULT_MAX_STEPS = 100
+DEFAULT_EVAL_LIMIT = 100
 
 
 def _positive_int(s: str) -> int:
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="an adapter directory (e.g. OUTPUT_DIR/adapter)")
     e.add_argument("--task", default="arc_easy", help="a built-in task's validation split or a multiple-choice FILE.jsonl")
     e.add_argument("--limit", type=int, default=None, help="first N questions (default: all)")
-    e.add_argument("--batch-size", type=_positive_int, default=16)
+    e.add_argument("--batch-size", type=_positive_int, default=32, help="choices scored per forward pass (default: 32)")
     e.add_argument("--bf16", action="store_true")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 

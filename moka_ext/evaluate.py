@@ -79,22 +79,27 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
                 ctx, cont = requests[i]
                 tokens = (ctx + cont)[-(max_length + 1) :]
                 rows.append((tokens[:-1], min(len(cont), len(tokens) - 1)))
+            # Left padding puts every continuation at the end of its row, so the (vocabulary-
+            # sized) logits are computed for the last `keep` positions only. Positions count
+            # from each row's first real token, so padding does not shift RoPE.
             width = max(len(r[0]) for r in rows)
+            keep = max(n for _, n in rows)
             ids = torch.zeros((len(rows), width), dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for row, (tokens, _) in enumerate(rows):
-                ids[row, : len(tokens)] = torch.tensor(tokens)
-                mask[row, : len(tokens)] = 1
+                ids[row, width - len(tokens) :] = torch.tensor(tokens)
+                mask[row, width - len(tokens) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=positions.to(device), logits_to_keep=keep).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for row, (i, (tokens, n_cont)) in enumerate(zip(idx, rows)):
-                # Position p predicts token p + 1: the continuation's last n_cont tokens are
-                # predicted by the last n_cont input positions.
+            for row, (i, (_, n_cont)) in enumerate(zip(idx, rows)):
+                # Input position p predicts token p + 1: the continuation's last n_cont tokens
+                # are predicted by the row's last n_cont positions.
                 full = requests[i][0] + requests[i][1]
                 targets = torch.tensor(full[len(full) - n_cont :], dtype=torch.long)
-                positions = torch.arange(len(tokens) - n_cont, len(tokens))
-                out[i] = logprobs[row, positions, targets].sum().item()
+                out[i] = logprobs[row, keep - n_cont :].gather(-1, targets[:, None]).sum().item()
     finally:
         model.train(was_training)
     return out

@@ -69,7 +69,7 @@ class FinetuneConfig:
     seq_len: int = 256
     eval_task: str | None = None
     eval_limit: int | None = None
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
     output_dir: str = "runs/finetune"
     save_steps: int = 50
     seed: int = 0
@@ -478,8 +478,7 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
         ddp = model
         if dist.enabled:
             ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
 
         def state_dict_for_checkpoint(step):
             return {"step": step, "losses": losses, "tokens": tokens_seen, "train_seconds": train_seconds,

@@ -33,8 +33,8 @@ class BigramModel(torch.nn.Module):
         self.logits = torch.nn.Parameter(table.log())
         self.config = SimpleNamespace(max_position_embeddings=64)
 
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.logits[input_ids])
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+        return SimpleNamespace(logits=self.logits[input_ids[:, -logits_to_keep:]])
 
 
 # P(' '|q) = 1/2, P(a|' ') = 1/4, P(b|' ') = 1/2, P(b|b) = 1/4 (the rest of each row elsewhere).
