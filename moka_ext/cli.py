@@ -147,6 +147,8 @@ def cmd_info(args) -> int:
             lines.append(f"{mod}: not available ({type(e).__name__})")
     try:
         info = moka_ext.build_info()
+        archs = info.get("cuda_archs") or ""
+        lines.append("kernels: CPU compiled; CUDA " + (f"compiled for {archs}" if info.get("cuda") else "not compiled (CPU-only build)"))
         lines.append("build: " + ", ".join(f"{k}={v}" for k, v in sorted(info.items())))
     except Exception as e:
         lines.append(f"build: extension not loadable ({e})")
