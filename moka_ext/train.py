@@ -546,7 +546,9 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
         after = None
         if questions:
             after = distributed_accuracy(model, tokenizer, questions, dist, cfg, "eval after")
-            _say(dist, f"accuracy after  ({eval_task} validation): {_fmt_acc(after)}")
+            change = (f"; change acc {after['acc'] - before['acc']:+.4f}, acc_norm {after['acc_norm'] - before['acc_norm']:+.4f}"
+                      if before else "")
+            _say(dist, f"accuracy after  ({eval_task} validation): {_fmt_acc(after)}{change}")
 
         metrics = {
             "trainable_params": params["trainable"],
