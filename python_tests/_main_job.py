@@ -15,11 +15,11 @@ TINY_RUN = ["--model", "tiny", "--quant", "none", "--batch-size", "2", "--seq-le
             "--eval-limit", "6", "--lr", "1e-2"]
 
 
-def use_private_cache(tmp_path_factory, monkeypatch=None) -> Path:
+def use_private_cache(tmp_path_factory, monkeypatch) -> Path:
     """Point MOKA_CACHE_DIR at a fresh directory (the tiny model and data get built there)."""
     cache = tmp_path_factory.mktemp("moka_cache")
-    os.environ["MOKA_CACHE_DIR"] = str(cache)
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    monkeypatch.setenv("MOKA_CACHE_DIR", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
 
 

@@ -17,7 +17,8 @@ STEPS = ["--max-steps", "6"]
 
 @pytest.fixture(scope="module", autouse=True)
 def private_cache(tmp_path_factory):
-    return use_private_cache(tmp_path_factory)
+    with pytest.MonkeyPatch.context() as mp:
+        yield use_private_cache(tmp_path_factory, mp)
 
 
 @pytest.fixture(scope="module")

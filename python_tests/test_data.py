@@ -13,7 +13,8 @@ from moka_ext import data
 def private_cache(tmp_path_factory):
     from _main_job import use_private_cache
 
-    return use_private_cache(tmp_path_factory)
+    with pytest.MonkeyPatch.context() as mp:
+        yield use_private_cache(tmp_path_factory, mp)
 
 
 def test_arc_easy_splits_are_the_real_ones():

@@ -9,7 +9,8 @@ from _main_job import REPO, TINY_RUN, metrics, subprocess_env, use_private_cache
 
 @pytest.fixture(scope="module", autouse=True)
 def private_cache(tmp_path_factory):
-    return use_private_cache(tmp_path_factory)
+    with pytest.MonkeyPatch.context() as mp:
+        yield use_private_cache(tmp_path_factory, mp)
 
 
 def test_torchrun_two_processes(tmp_path):

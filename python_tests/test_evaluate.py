@@ -72,11 +72,11 @@ def test_ties_go_to_the_first_choice_and_acc_norm_uses_characters():
     assert score_questions([[-4.0, -3.0, -2.5]], [MultipleChoice(("q",) * 3, ("xxxx", "y", "yy"), 2)])["acc"] == 1.0
 
 
-def test_padding_and_batching_match_the_models_own_loss(tmp_path_factory):
+def test_padding_and_batching_match_the_models_own_loss(tmp_path_factory, monkeypatch):
     from _main_job import use_private_cache
     from moka_ext import models
 
-    use_private_cache(tmp_path_factory)
+    use_private_cache(tmp_path_factory, monkeypatch)
     torch.manual_seed(0)
     model, tok = models.load_model("tiny", "none")
     questions = [MultipleChoice(("Question: why?\nAnswer:",) * 2, ("because", "no reason at all"), 0),
