@@ -128,7 +128,7 @@ def _with_progress(model, requests, batch_size, bf16, progress, desc):
     # Chunks of two batches: the longest-first ordering still groups lengths, and the bar moves.
     chunk = batch_size * 2
     out = []
-    with tqdm(total=len(requests), desc=desc, unit="choice", leave=False) as bar:
+    with tqdm(total=len(requests), desc=desc, unit="choice", leave=False, miniters=1) as bar:
         for s in range(0, len(requests), chunk):
             out += loglikelihoods(model, requests[s : s + chunk], batch_size, bf16=bf16)
             bar.update(len(requests[s : s + chunk]))

@@ -491,8 +491,10 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
         # SIGTERM (torchrun stopping its workers, a batch scheduler) is handled like Ctrl-C.
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         model.train()
+        # miniters=1: tqdm otherwise learns to skip redraws after a few fast steps, and a slow
+        # stretch then looks like a hang.
         bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not dist.main,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, miniters=1)
         step, rng_at_step = start_step, get_rng_state()
         try:
             t_window, tok_window = time.perf_counter(), 0
