@@ -1,0 +1,169 @@
+"""The ``moka`` command on the tiny model: finetune and eval smoke runs, exact resume after
+Ctrl-C, ``moka info``, and every bad-input error (clear message, exit 2, nothing left behind)."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _main_job import TINY_RUN, metrics, run_moka, subprocess_env, use_private_cache, REPO
+from moka_ext import cli
+
+STEPS = ["--max-steps", "6"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        yield use_private_cache(tmp_path_factory, mp)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted 6-step MoKA run, in-process."""
+    out = tmp_path_factory.mktemp("runs") / "a"
+    assert cli.main(["finetune", *TINY_RUN, *STEPS, "--save-steps", "2", "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_finetune_writes_every_output(finished_run, capsys):
+    m = metrics(finished_run)
+    for key in ("trainable_params", "loss", "accuracy", "throughput", "peak_memory", "config"):
+        assert key in m
+    assert m["trainable_params"] > 0 and len(m["loss"]["per_step"]) == 6
+    assert set(m["accuracy"]["before"]) == {"acc", "acc_norm", "n"} and m["accuracy"]["after"]["n"] == 6
+    assert m["config"]["method"] == "moka" and m["config"]["model"] == "tiny"
+    assert m["throughput"]["tokens_per_s"] > 0 and m["peak_memory"]["bytes"] > 0
+    assert (finished_run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (finished_run / "adapter" / "adapter_config.json").exists()
+    assert json.loads((finished_run / "checkpoint" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_eval_with_the_saved_adapter_reproduces_the_after_accuracy(finished_run, capsys):
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", "tiny", "--quant", "none", "--adapter", str(finished_run / "adapter"),
+                     "--task", "arc_easy", "--limit", "6", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    after = metrics(finished_run)["accuracy"]["after"]
+    assert (res["acc"], res["acc_norm"], res["n"]) == (after["acc"], after["acc_norm"], 6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(finished_run, tmp_path, capsys):
+    out = tmp_path / "b"
+    args = ["finetune", *TINY_RUN, *STEPS, "--save-steps", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "moka_ext", *args], env=subprocess_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 180
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    step = json.loads(state.read_text())["step"]
+    if proc.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C arrived")  # a very fast machine
+    assert proc.returncode == 130, stderr
+    assert 1 <= step < 6 and "--resume" in stdout
+    assert not (out / "metrics.json").exists()
+
+    assert cli.main([*args, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    resumed, uninterrupted = metrics(out), metrics(finished_run)
+    assert resumed["loss"]["per_step"] == uninterrupted["loss"]["per_step"]
+    assert resumed["accuracy"] == uninterrupted["accuracy"]
+
+
+def test_info_reports_versions_and_device():
+    r = run_moka("info", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "torch" in r.stdout and "device:" in r.stdout and "build:" in r.stdout
+
+
+def _fails(argv, capsys, *fragments):
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moka: error: ") and "Traceback" not in err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--task", "arc_medium"], "unknown task 'arc_medium'"),
+    (["--eval-task", "commonsense"], "unknown task 'commonsense'"),
+    (["--model", "llama-9000"], "unknown model 'llama-9000'"),
+    (["--method", "adalora"], "unknown method 'adalora'"),
+    (["--method", "lokr", "--quant", "nf4"], "--quant none"),
+])
+def test_unknown_names_fail_before_any_output(tmp_path, capsys, flags, fragment):
+    out = tmp_path / "out"
+    _fails(["finetune", *TINY_RUN, *STEPS, *flags, "--output-dir", str(out)], capsys, fragment)
+    assert not out.exists()
+
+
+def test_malformed_jsonl_names_its_line(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"query": "q", "choices": ["a", "b"], "gold": 0}\n{"query": "q", "choices": ["a"], "gold": 0}\n')
+    out = tmp_path / "out"
+    _fails(["finetune", *TINY_RUN, *STEPS, "--task", str(data), "--output-dir", str(out)], capsys, f"{data}:2:")
+    assert not out.exists()
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    _fails(["finetune", *TINY_RUN, *STEPS, "--output-dir", str(blocker / "out")], capsys, "not a directory")
+
+
+def test_layer_shape_that_does_not_factor(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moka_ext.models import _tiny_tokenizer
+
+    model_dir = tmp_path / "prime-llama"
+    tok = _tiny_tokenizer()
+    # 131 is prime: the MLP projections (131 x 64, 64 x 131) have no Kronecker factorization
+    # with every factor dimension at least 2.
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=131, num_hidden_layers=1,
+                                 num_attention_heads=1, num_key_value_heads=1)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    _fails(["finetune", *TINY_RUN, *STEPS, "--model", str(model_dir), "--output-dir", str(out)], capsys, "131")
+    assert not out.exists()
+
+
+def test_resume_refuses_another_configuration_and_a_used_dir(finished_run, capsys):
+    before = (finished_run / "checkpoint" / "trainer_state.json").read_text()
+    base = ["finetune", *TINY_RUN, *STEPS, "--output-dir", str(finished_run)]
+    _fails([*base, "--lr", "5e-3", "--resume"], capsys, "another configuration", "lr: checkpoint 0.01, now 0.005")
+    _fails(base, capsys, "already holds a run", "--resume")
+    assert (finished_run / "checkpoint" / "trainer_state.json").read_text() == before
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    _fails(["finetune", *TINY_RUN, *STEPS, "--resume", "--output-dir", str(tmp_path / "none")], capsys, "no checkpoint")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_qlora_baselines_learn_in_every_layer_after_a_no_grad_evaluation(tmp_path, capsys, method):
+    """QLoRA/QDoRA on the NF4 tiny model through the same loop. The evaluation before training
+    runs in eval mode without gradients, which on AVX512-BF16 CPUs would repack the 4-bit weights
+    into a layout without autograd; the lowest layer's adapter only learns if input gradients
+    still flow through every 4-bit layer above it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / method
+    assert cli.main(["finetune", *TINY_RUN, "--quant", "nf4", "--method", method, "--max-steps", "3",
+                     "--output-dir", str(out)]) == 0
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    lowest_b = [v for k, v in weights.items() if "layers.0." in k and "lora_B" in k]
+    assert lowest_b and all(v.abs().sum() > 0 for v in lowest_b)  # lora_B starts at zero
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", "tiny", "--quant", "nf4", "--adapter", str(out / "adapter"),
+                     "--task", "arc_easy", "--limit", "6", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["acc"] == metrics(out)["accuracy"]["after"]["acc"]
