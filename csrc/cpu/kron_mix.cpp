@@ -20,8 +20,26 @@
 #include <algorithm>
 #include <vector>
 
+// MKL (which torch's x86 wheels carry) keeps its own thread count: a GEMM
+// called from inside our at::parallel_for would start a second team per
+// thread, and on a loaded machine those spinning teams turned a 28 ms call
+// into 5 s (measured). The per-thread override keeps nested GEMMs sequential;
+// the symbol is weak, so builds without MKL simply skip it.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace moka {
 namespace {
+
+// Sequential BLAS on this thread for the guard's lifetime.
+struct SequentialBlas {
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
 
 // Largest ma*nb over the groups: the width of the per-token intermediate W.
 int64_t intermediate_width(const KronMixShape& s) {
@@ -93,6 +111,7 @@ void forward_into(
   const int64_t w_width = intermediate_width(s);
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    SequentialBlas sequential_blas;
     auto xp_buf = scratch(x2d, acc, tile * s.in);
     auto w_buf = scratch(x2d, acc, tile * w_width);
     auto yp_buf = scratch(x2d, acc, tile * s.out);
@@ -202,6 +221,7 @@ kron_mix_backward_cpu(
   const int64_t w_width = intermediate_width(s);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    SequentialBlas sequential_blas;
     auto xp_buf = scratch(x2d, acc, tile * s.in);
     auto dyp_buf = scratch(x2d, acc, tile * s.out);
     auto w_buf = scratch(x2d, acc, tile * w_width);  // W, then P
