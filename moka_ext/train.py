@@ -562,9 +562,9 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
             "accuracy": {"task": eval_task, "before": before, "after": after},
             "throughput": {"tokens": tokens_seen, "train_seconds": train_seconds,
                            "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
-                           "steps_per_s": (steps - start_step) / train_seconds if train_seconds and steps > start_step else None},
+                           "steps_per_s": len(losses) / train_seconds if train_seconds else None},
             "peak_memory": peak_memory(dist.device),
-            "wall_seconds": time.perf_counter() - wall_start,
+            "wall_seconds": time.perf_counter() - wall_start,  # of this invocation (a resume counts anew)
             "world_size": dist.world_size,
             "device": str(dist.device),
             "versions": _versions(),
