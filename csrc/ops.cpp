@@ -155,6 +155,21 @@ void check_gate_softmax_args(
       op, ": temperature must be a finite number > 0, got ", temperature);
 }
 
+void check_gate_softmax_backward_args(
+    const at::Tensor& grad,
+    const at::Tensor& output,
+    double temperature) {
+  check_gate_softmax_args("gate_softmax_backward", output, temperature);
+  TORCH_CHECK(
+      grad.defined() && grad.sizes().equals(output.sizes()) &&
+          grad.scalar_type() == output.scalar_type() &&
+          grad.device() == output.device(),
+      "gate_softmax_backward: grad must match output (shape ", output.sizes(),
+      ", dtype ", output.scalar_type(), ", device ", output.device(), "), got ",
+      grad.defined() ? grad.sizes() : at::IntArrayRef{}, " ",
+      grad.defined() ? c10::toString(grad.scalar_type()) : "undefined");
+}
+
 namespace {
 
 // Autocast: like a linear layer, kron_mix runs in the autocast dtype (its

@@ -47,4 +47,10 @@ void check_gate_softmax_args(
     const at::Tensor& logits,
     double temperature);
 
+// gate_softmax_backward: `output` as check_gate_softmax_args, `grad` like it.
+void check_gate_softmax_backward_args(
+    const at::Tensor& grad,
+    const at::Tensor& output,
+    double temperature);
+
 }  // namespace moka

@@ -362,14 +362,7 @@ at::Tensor gate_softmax_backward_cuda(
     const at::Tensor& grad,
     const at::Tensor& output,
     double temperature) {
-  check_gate_softmax_args("gate_softmax_backward", output, temperature);
-  TORCH_CHECK(
-      grad.defined() && grad.sizes().equals(output.sizes()) &&
-          grad.scalar_type() == output.scalar_type() && grad.device() == output.device(),
-      "gate_softmax_backward: grad must match output (shape ", output.sizes(), ", dtype ",
-      output.scalar_type(), ", device ", output.device(), "), got ",
-      grad.defined() ? grad.sizes() : at::IntArrayRef{}, " ",
-      grad.defined() ? c10::toString(grad.scalar_type()) : "undefined");
+  check_gate_softmax_backward_args(grad, output, temperature);
   c10::cuda::CUDAGuard guard(output.device());
   const auto g = grad.contiguous();
   const auto s = output.contiguous();
