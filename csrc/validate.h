@@ -1,4 +1,4 @@
-// Argument validation shared by every backend of the moka ops.
+// Argument validation and dtype rules shared by every backend of the moka ops.
 //
 // Every kernel entry point calls these before it touches a pointer, so a bad
 // call raises a c10::Error (RuntimeError in Python) naming the argument, what
@@ -11,6 +11,12 @@
 #include <vector>
 
 namespace moka {
+
+// The dtype every kernel accumulates in: float64 for float64 inputs, else
+// float32 (float16/bfloat16 inputs are widened, never accumulated in place).
+inline at::ScalarType accumulate_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Factor shapes of one group of stacked components: A (r, ma, na), B (r, mb, nb).
 struct GroupShape {

@@ -56,10 +56,6 @@ int64_t tile_tokens(const KronMixShape& s) {
   return std::clamp<int64_t>((int64_t{1} << 17) / width, 1, 256);
 }
 
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Factors of every group in the accumulation dtype, contiguous, and the gates
 // as doubles (they are read as GEMM scalars).
 struct Operands {
@@ -104,7 +100,7 @@ void forward_into(
     const KronMixShape& s,
     const Operands& ops,
     bool accumulate) {
-  const auto acc = acc_type(x2d.scalar_type());
+  const auto acc = accumulate_dtype(x2d.scalar_type());
   const bool widen_y = y.scalar_type() != acc;
   const int64_t tile = tile_tokens(s);
   const int64_t n_tiles = (s.tokens + tile - 1) / tile;
@@ -166,7 +162,7 @@ at::Tensor kron_mix_cpu(
     const at::Tensor& gates) {
   const auto s = check_kron_mix_args("kron_mix", x, A, B, gates);
   auto y = at::empty({s.tokens, s.out}, x.options());
-  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, acc_type(x.scalar_type())), false);
+  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, accumulate_dtype(x.scalar_type())), false);
   return y.view(out_sizes(x, s.out));
 }
 
@@ -179,7 +175,7 @@ at::Tensor kron_mix_add_cpu(
   const auto s = check_kron_mix_args("kron_mix_add", x, A, B, gates);
   check_like_output("kron_mix_add", "base", base, x, s.out);
   auto y = base.reshape({s.tokens, s.out}).clone(at::MemoryFormat::Contiguous);
-  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, acc_type(x.scalar_type())), true);
+  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, accumulate_dtype(x.scalar_type())), true);
   return y.view(out_sizes(x, s.out));
 }
 
@@ -199,7 +195,7 @@ kron_mix_backward_cpu(
     const at::Tensor& gates) {
   const auto s = check_kron_mix_args("kron_mix_backward", x, A, B, gates);
   check_like_output("kron_mix_backward", "grad_y", grad_y, x, s.out);
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = accumulate_dtype(x.scalar_type());
   const auto ops = widen(A, B, gates, acc);
   const auto x2d = flat_tokens(x, s, s.in);
   const auto gy2d = flat_tokens(grad_y, s, s.out);

@@ -170,7 +170,7 @@ at::Tensor reshape_matmul_forward(
     const at::Tensor& gates,
     const at::Tensor* base2d) {
   const auto dtype = x2d.scalar_type();
-  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulate_dtype(dtype);
   const int64_t T = s.tokens;
   at::Tensor y = base2d ? base2d->to(acc, /*non_blocking=*/false, /*copy=*/true)
                         : at::zeros({T, s.out}, x2d.options().dtype(acc));
@@ -252,7 +252,7 @@ kron_mix_backward_cuda(
   check_like_output("kron_mix_backward", "grad_y", grad_y, x, s.out);
   c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
-  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulate_dtype(dtype);
   const int64_t T = s.tokens;
   if (T == 0) {
     std::vector<at::Tensor> gA, gB;
