@@ -1,16 +1,22 @@
 // CPU kernels of kron_mix, kron_mix_add and kron_mix_backward.
 //
 // Tokens are processed in tiles small enough that a tile's input, output and
-// the per-component intermediate stay in L2; threads take contiguous runs of
-// tiles (at::parallel_for). Within a tile, group j's tokens are laid out
-// "factor-major": Xp[a, t, b] = x[t, a*nb + b]. In that layout both products of
-// Y_t = A X_t B^T become one GEMM over the whole tile,
-//   W  = A @ Xp            (ma, na) x (na, n*nb)        -> (ma, n*nb)
-//   Yp += g * W' @ B^T     (ma*n, nb) x (nb, mb)        -> (ma*n, mb)
-// so only the input and the output are transposed, once per group, and the
-// components of a group accumulate into Yp in the GEMM itself. Nothing of size
-// tokens x components is ever written out. Low-precision inputs are widened to
-// float32 tile by tile (at::opmath_type), float64 stays float64.
+// intermediate stay in L2; threads take contiguous runs of tiles
+// (at::parallel_for). All r components of a group go through two GEMMs per
+// tile, on x and y in their own layouts (no transposing copies):
+//   W_t = As X_t      As (ma*r, na), row a*r+k = A_k[a]     batched over t
+//   Y_t = W_t Bc      W_t viewed (ma, r*nb), Bc (r*nb, mb), row k*nb+b =
+//                     g_k B_k[:, b]                          one GEMM, all t
+// because W_t's rows (a, k) read as an (ma, r*nb) matrix put each component's
+// A_k X_t side by side, and Bc stacks the matching g_k B_k^T, so the second
+// product sums the components. The tile's W is the only intermediate; nothing
+// of size tokens x components is written out. Low-precision inputs are widened
+// to float32 tile by tile (at::opmath_type), float64 stays float64.
+//
+// The tile GEMMs are plain ATen calls: inside the parallel region OpenMP runs
+// MKL's nested region on the calling thread, as in ATen's own im2col
+// convolution. (Forcing that with MKL_Set_Num_Threads_Local(1) per thread was
+// tried and removed: it made two threads no faster than one, measured.)
 #include "../validate.h"
 
 #include <ATen/ATen.h>
@@ -20,76 +26,79 @@
 #include <algorithm>
 #include <vector>
 
-// MKL (which torch's x86 wheels carry) keeps its own thread count: a GEMM
-// called from inside our at::parallel_for would start a second team per
-// thread, and on a loaded machine those spinning teams turned a 28 ms call
-// into 5 s (measured). The per-thread override keeps nested GEMMs sequential;
-// the symbol is weak, so builds without MKL simply skip it.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
 namespace moka {
 namespace {
 
-// Sequential BLAS on this thread for the guard's lifetime.
-struct SequentialBlas {
-  int previous = 0;
-  SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
-  }
-};
-
-// Largest ma*nb over the groups: the width of the per-token intermediate W.
+// Widest per-token buffer of any group: W is (ma*r, nb) per token and the
+// backward's factor gradient (ma*r, na).
 int64_t intermediate_width(const KronMixShape& s) {
   int64_t w = 1;
-  for (const auto& g : s.groups) w = std::max(w, g.ma * g.nb);
+  for (const auto& g : s.groups) w = std::max(w, g.ma * g.r * std::max(g.nb, g.na));
   return w;
 }
 
-// Tokens per tile: about 128K accumulator elements per buffer (512 KiB in
-// float32; a forward tile's three buffers fit a 2 MiB L2), 1 to 256 tokens.
-// Large tiles matter for narrow layers, where per-GEMM call overhead dominates.
-int64_t tile_tokens(const KronMixShape& s) {
-  const int64_t width = std::max<int64_t>({s.in, s.out, intermediate_width(s)});
-  return std::clamp<int64_t>((int64_t{1} << 17) / width, 1, 256);
-}
-
-// Factors of every group in the accumulation dtype, contiguous, and the gates
-// as doubles (they are read as GEMM scalars).
-struct Operands {
-  std::vector<at::Tensor> A, B;
-  std::vector<double> gates;
+// How the tokens are cut into tiles. A tile holds at most about 128K
+// accumulator elements per buffer (512 KiB in float32; a tile's buffers fit a
+// 2 MiB L2) and 1 to 256 tokens; large tiles matter for narrow layers, where
+// per-GEMM call overhead dominates. With more tiles than threads, the count
+// is rounded up to a multiple of the thread count so that every thread gets
+// the same work.
+struct Tiling {
+  int64_t tile = 1;   // tokens per tile (the last may be shorter)
+  int64_t count = 0;  // number of tiles
 };
 
-Operands widen(
+Tiling tiling(const KronMixShape& s) {
+  if (s.tokens == 0) return {};
+  const int64_t width = std::max<int64_t>({s.in, s.out, intermediate_width(s)});
+  const int64_t max_tile = std::clamp<int64_t>((int64_t{1} << 17) / width, 1, 256);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t count = (s.tokens + max_tile - 1) / max_tile;
+  if (count > threads) count = std::min(s.tokens, (count + threads - 1) / threads * threads);
+  const int64_t tile = (s.tokens + count - 1) / count;
+  return {tile, (s.tokens + tile - 1) / tile};
+}
+
+// Group j's factors rearranged for the two tile GEMMs (see the top of the
+// file), in the accumulation dtype: As (ma*r, na) and Bc (r*nb, mb), gates
+// folded into Bc.
+struct Operands {
+  std::vector<at::Tensor> As, Bc;
+};
+
+Operands stack_factors(
     at::TensorList A,
     at::TensorList B,
     const at::Tensor& gates,
+    const KronMixShape& s,
     at::ScalarType acc) {
   Operands o;
   for (size_t j = 0; j < A.size(); ++j) {
-    o.A.push_back(A[j].to(acc).contiguous());
-    o.B.push_back(B[j].to(acc).contiguous());
+    const auto& g = s.groups[j];
+    auto gv = gates.narrow(0, g.gate_offset, g.r).to(acc).view({g.r, 1, 1});
+    o.As.push_back(A[j].to(acc).permute({1, 0, 2}).reshape({g.ma * g.r, g.na}));
+    o.Bc.push_back((B[j].to(acc) * gv).transpose(1, 2).reshape({g.r * g.nb, g.mb}));
   }
-  auto g = gates.to(at::kDouble).contiguous();
-  o.gates.assign(g.data_ptr<double>(), g.data_ptr<double>() + g.numel());
   return o;
 }
 
-// A thread's scratch, allocated once per parallel chunk and viewed per tile:
-// fresh tile-sized allocations would each be a new mapping and its page faults.
+// A thread's scratch, allocated once per parallel chunk and viewed per tile.
 at::Tensor scratch(const at::Tensor& like, at::ScalarType acc, int64_t numel) {
   return at::empty({numel}, like.options().dtype(acc));
 }
 
-// Xp[a, t, b] = tile[t, a*q + b], into `buf` (widening to its dtype).
-at::Tensor factor_major(const at::Tensor& buf, const at::Tensor& tile, int64_t p, int64_t q) {
-  const int64_t n = tile.size(0);
-  auto out = buf.narrow(0, 0, p * n * q).view({p, n, q});
-  out.copy_(tile.view({n, p, q}).transpose(0, 1));
-  return out.view({p, n * q});
+// `tile` itself when it already has the accumulation dtype, else widened into `buf`.
+at::Tensor widened(const at::Tensor& tile, const at::Tensor& buf) {
+  if (!buf.defined()) return tile;
+  auto out = buf.narrow(0, 0, tile.numel()).view(tile.sizes());
+  out.copy_(tile);
+  return out;
+}
+
+// W (n, ma*r, nb) = As X_t for every token t of `x_tile` (n, in).
+void stacked_left(at::Tensor& W, const at::Tensor& x_tile, const at::Tensor& As, const GroupShape& g) {
+  const int64_t n = x_tile.size(0);
+  at::bmm_out(W, As.expand({n, g.ma * g.r, g.na}), x_tile.view({n, g.na, g.nb}));
 }
 
 // y (tokens, out) = [y +] sum over groups and components: with `accumulate`
@@ -101,46 +110,30 @@ void forward_into(
     const Operands& ops,
     bool accumulate) {
   const auto acc = accumulate_dtype(x2d.scalar_type());
-  const bool widen_y = y.scalar_type() != acc;
-  const int64_t tile = tile_tokens(s);
-  const int64_t n_tiles = (s.tokens + tile - 1) / tile;
+  const bool widen = y.scalar_type() != acc;
+  const auto [tile, n_tiles] = tiling(s);
   const int64_t w_width = intermediate_width(s);
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    SequentialBlas sequential_blas;
-    auto xp_buf = scratch(x2d, acc, tile * s.in);
     auto w_buf = scratch(x2d, acc, tile * w_width);
-    auto yp_buf = scratch(x2d, acc, tile * s.out);
-    auto acc_buf = widen_y ? scratch(x2d, acc, tile * s.out) : at::Tensor();
+    auto x_buf = widen ? scratch(x2d, acc, tile * s.in) : at::Tensor();
+    auto y_buf = widen ? scratch(x2d, acc, tile * s.out) : at::Tensor();
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t0 = it * tile;
       const int64_t n = std::min(tile, s.tokens - t0);
-      auto x_tile = x2d.narrow(0, t0, n);
+      auto x_tile = widened(x2d.narrow(0, t0, n), x_buf);
       auto y_tile = y.narrow(0, t0, n);
-      auto y_acc = y_tile;
-      if (widen_y) {
-        y_acc = acc_buf.narrow(0, 0, n * s.out).view({n, s.out});
-        if (accumulate) y_acc.copy_(y_tile);
-      }
+      auto y_acc = widen ? y_buf.narrow(0, 0, n * s.out).view({n, s.out}) : y_tile;
+      if (widen && accumulate) y_acc.copy_(y_tile);
       for (size_t j = 0; j < s.groups.size(); ++j) {
         const auto& g = s.groups[j];
-        auto Xp = factor_major(xp_buf, x_tile, g.na, g.nb);
-        auto W = w_buf.narrow(0, 0, g.ma * n * g.nb).view({g.ma, n * g.nb});
-        auto Yp = yp_buf.narrow(0, 0, g.ma * n * g.mb).view({g.ma * n, g.mb});
-        for (int64_t k = 0; k < g.r; ++k) {
-          at::mm_out(W, ops.A[j][k], Xp);
-          // beta = 0 on the first component: Yp's old contents are ignored.
-          Yp.addmm_(W.view({g.ma * n, g.nb}), ops.B[j][k].t(), k == 0 ? 0.0 : 1.0,
-                    ops.gates[g.gate_offset + k]);
-        }
-        auto Yt = Yp.view({g.ma, n, g.mb}).transpose(0, 1);
-        if (j == 0 && !accumulate) {
-          y_acc.view({n, g.ma, g.mb}).copy_(Yt);
-        } else {
-          y_acc.view({n, g.ma, g.mb}).add_(Yt);
-        }
+        auto W = w_buf.narrow(0, 0, n * g.ma * g.r * g.nb).view({n, g.ma * g.r, g.nb});
+        stacked_left(W, x_tile, ops.As[j], g);
+        // beta = 0 for the first write: y's old contents are ignored.
+        y_acc.view({n * g.ma, g.mb}).addmm_(W.view({n * g.ma, g.r * g.nb}), ops.Bc[j],
+                                            j == 0 && !accumulate ? 0.0 : 1.0);
       }
-      if (widen_y) y_tile.copy_(y_acc);
+      if (widen) y_tile.copy_(y_acc);
     }
   });
 }
@@ -161,8 +154,9 @@ at::Tensor kron_mix_cpu(
     at::TensorList B,
     const at::Tensor& gates) {
   const auto s = check_kron_mix_args("kron_mix", x, A, B, gates);
+  const auto acc = accumulate_dtype(x.scalar_type());
   auto y = at::empty({s.tokens, s.out}, x.options());
-  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, accumulate_dtype(x.scalar_type())), false);
+  forward_into(y, flat_tokens(x, s, s.in), s, stack_factors(A, B, gates, s, acc), false);
   return y.view(out_sizes(x, s.out));
 }
 
@@ -174,18 +168,24 @@ at::Tensor kron_mix_add_cpu(
     const at::Tensor& gates) {
   const auto s = check_kron_mix_args("kron_mix_add", x, A, B, gates);
   check_like_output("kron_mix_add", "base", base, x, s.out);
+  const auto acc = accumulate_dtype(x.scalar_type());
   auto y = base.reshape({s.tokens, s.out}).clone(at::MemoryFormat::Contiguous);
-  forward_into(y, flat_tokens(x, s, s.in), s, widen(A, B, gates, accumulate_dtype(x.scalar_type())), true);
+  forward_into(y, flat_tokens(x, s, s.in), s, stack_factors(A, B, gates, s, acc), true);
   return y.view(out_sizes(x, s.out));
 }
 
-// Backward with the intermediate recomputed per tile (only x is saved):
-//   W  = A Xp                 G_B += dYp^T W         (ungated dB)
-//   P  = dYp B                G_A += P Xp^T          (ungated dA)
-//   dXp += g A^T P
-// then dA = g G_A, dB = g G_B and dg = <A, G_A> (= sum_t <dY_t, A X_t B^T>).
-// G_A and G_B are summed per chunk of tiles and reduced in chunk order, so the
-// result is deterministic for a given thread count.
+// Backward with W recomputed per tile (only x is saved). Per tile and group,
+// with dY_t (ma, mb) the token's output gradient:
+//   W    = As X_t                     (batched, as in the forward)
+//   G_Bc += W^T dY                    (r*nb, mb), all tokens in one GEMM
+//   dW   = dY Bc^T                    (n*ma, r*nb), one GEMM
+//   dX_t += As^T dW_t                 (batched, written into grad_x)
+//   G_As += sum_t dW_t X_t^T          (batched, then summed over the tile;
+//                                      kept transposed)
+// then dA_k = G_As rows (a, k), dB_k = g_k G_Bc[k]^T and
+// dg_k = <G_Bc[k]^T, B_k>. G_As and G_Bc are summed per chunk of tiles and
+// reduced in chunk order, so the result is deterministic for a given thread
+// count.
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
 kron_mix_backward_cpu(
     const at::Tensor& grad_y,
@@ -196,69 +196,59 @@ kron_mix_backward_cpu(
   const auto s = check_kron_mix_args("kron_mix_backward", x, A, B, gates);
   check_like_output("kron_mix_backward", "grad_y", grad_y, x, s.out);
   const auto acc = accumulate_dtype(x.scalar_type());
-  const auto ops = widen(A, B, gates, acc);
+  const auto ops = stack_factors(A, B, gates, s, acc);
   const auto x2d = flat_tokens(x, s, s.in);
   const auto gy2d = flat_tokens(grad_y, s, s.out);
   auto gx = at::empty({s.tokens, s.in}, x.options());  // the first group writes it
 
-  const int64_t tile = tile_tokens(s);
-  const int64_t n_tiles = (s.tokens + tile - 1) / tile;
+  const auto [tile, n_tiles] = tiling(s);
   const int64_t n_chunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), n_tiles));
-  // Per chunk and group: G_A (chunks, r, ma, na), G_B (chunks, r, mb, nb).
-  std::vector<at::Tensor> GA, GB;
-  for (size_t j = 0; j < s.groups.size(); ++j) {
-    const auto& g = s.groups[j];
-    GA.push_back(at::zeros({n_chunks, g.r, g.ma, g.na}, x.options().dtype(acc)));
-    GB.push_back(at::zeros({n_chunks, g.r, g.mb, g.nb}, x.options().dtype(acc)));
+  // Per chunk and group: G_As^T (chunks, na, ma*r), G_Bc (chunks, r*nb, mb).
+  std::vector<at::Tensor> GAs, GBc;
+  for (const auto& g : s.groups) {
+    GAs.push_back(at::zeros({n_chunks, g.na, g.ma * g.r}, x.options().dtype(acc)));
+    GBc.push_back(at::zeros({n_chunks, g.r * g.nb, g.mb}, x.options().dtype(acc)));
   }
 
-  const bool widen_x = x.scalar_type() != acc;
+  const bool widen = x.scalar_type() != acc;
   const int64_t w_width = intermediate_width(s);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    SequentialBlas sequential_blas;
-    auto xp_buf = scratch(x2d, acc, tile * s.in);
-    auto dyp_buf = scratch(x2d, acc, tile * s.out);
-    auto w_buf = scratch(x2d, acc, tile * w_width);  // W, then P
-    auto dxp_buf = scratch(x2d, acc, tile * s.in);
-    auto acc_buf = widen_x ? scratch(x2d, acc, tile * s.in) : at::Tensor();
+    auto w_buf = scratch(x2d, acc, tile * w_width);
+    auto dw_buf = scratch(x2d, acc, tile * w_width);
+    auto ga_buf = scratch(x2d, acc, tile * w_width);
+    auto x_buf = widen ? scratch(x2d, acc, tile * s.in) : at::Tensor();
+    auto gy_buf = widen ? scratch(x2d, acc, tile * s.out) : at::Tensor();
+    auto gx_buf = widen ? scratch(x2d, acc, tile * s.in) : at::Tensor();
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t it_begin = c * n_tiles / n_chunks;
       const int64_t it_end = (c + 1) * n_tiles / n_chunks;
       for (int64_t it = it_begin; it < it_end; ++it) {
         const int64_t t0 = it * tile;
         const int64_t n = std::min(tile, s.tokens - t0);
-        auto x_tile = x2d.narrow(0, t0, n);
-        auto gy_tile = gy2d.narrow(0, t0, n);
+        auto x_tile = widened(x2d.narrow(0, t0, n), x_buf);
+        auto gy_tile = widened(gy2d.narrow(0, t0, n), gy_buf);
         auto gx_tile = gx.narrow(0, t0, n);
-        auto gx_acc = gx_tile;
-        if (widen_x) gx_acc = acc_buf.narrow(0, 0, n * s.in).view({n, s.in});
+        auto gx_acc = widen ? gx_buf.narrow(0, 0, n * s.in).view({n, s.in}) : gx_tile;
         for (size_t j = 0; j < s.groups.size(); ++j) {
           const auto& g = s.groups[j];
-          auto Xp = factor_major(xp_buf, x_tile, g.na, g.nb);
-          auto dYp = factor_major(dyp_buf, gy_tile, g.ma, g.mb).view({g.ma * n, g.mb});
-          auto dXp = dxp_buf.narrow(0, 0, g.na * n * g.nb).view({g.na, n * g.nb});
-          auto WP = w_buf.narrow(0, 0, g.ma * n * g.nb);
-          for (int64_t k = 0; k < g.r; ++k) {
-            const auto& Ak = ops.A[j][k];
-            auto W = WP.view({g.ma, n * g.nb});
-            at::mm_out(W, Ak, Xp);
-            GB[j][c][k].addmm_(dYp.t(), W.view({g.ma * n, g.nb}));
-            auto P = WP.view({g.ma * n, g.nb});  // W is spent: P takes its place
-            at::mm_out(P, dYp, ops.B[j][k]);
-            GA[j][c][k].addmm_(P.view({g.ma, n * g.nb}), Xp.t());
-            dXp.addmm_(Ak.t(), P.view({g.ma, n * g.nb}), k == 0 ? 0.0 : 1.0,
-                       ops.gates[g.gate_offset + k]);
-          }
-          auto dXt = dXp.view({g.na, n, g.nb}).transpose(0, 1);
-          if (j == 0) {
-            gx_acc.view({n, g.na, g.nb}).copy_(dXt);
-          } else {
-            gx_acc.view({n, g.na, g.nb}).add_(dXt);
-          }
+          const int64_t rows = g.ma * g.r;
+          auto W = w_buf.narrow(0, 0, n * rows * g.nb).view({n, rows, g.nb});
+          stacked_left(W, x_tile, ops.As[j], g);
+          auto dY = gy_tile.view({n * g.ma, g.mb});
+          GBc[j][c].addmm_(W.view({n * g.ma, g.r * g.nb}).t(), dY);
+          auto dW = dw_buf.narrow(0, 0, n * rows * g.nb).view({n * g.ma, g.r * g.nb});
+          at::mm_out(dW, dY, ops.Bc[j].t());
+          auto dW3 = dW.view({n, rows, g.nb});
+          auto dX = gx_acc.view({n, g.na, g.nb});
+          dX.baddbmm_(ops.As[j].t().expand({n, g.na, rows}), dW3, j == 0 ? 0.0 : 1.0);
+          // Transposed, X_t dW_t^T, because MKL's batched GEMM is faster that way round.
+          auto per_token = ga_buf.narrow(0, 0, n * g.na * rows).view({n, g.na, rows});
+          at::bmm_out(per_token, x_tile.view({n, g.na, g.nb}), dW3.transpose(1, 2));
+          GAs[j][c].add_(per_token.sum(0));
         }
-        if (widen_x) gx_tile.copy_(gx_acc);
+        if (widen) gx_tile.copy_(gx_acc);
       }
     }
   });
@@ -267,12 +257,12 @@ kron_mix_backward_cpu(
   auto g_acc = at::empty({s.components}, x.options().dtype(acc));
   for (size_t j = 0; j < s.groups.size(); ++j) {
     const auto& g = s.groups[j];
-    auto ga = GA[j].sum(0);  // (r, ma, na), ungated
-    auto gb = GB[j].sum(0);
+    auto ga = GAs[j].sum(0).t().reshape({g.ma, g.r, g.na}).permute({1, 0, 2});  // (r, ma, na)
+    auto gb = GBc[j].sum(0).view({g.r, g.nb, g.mb}).transpose(1, 2);    // (r, mb, nb), ungated
     auto gv = gates.narrow(0, g.gate_offset, g.r).to(acc).view({g.r, 1, 1});
-    g_acc.narrow(0, g.gate_offset, g.r).copy_((ga * ops.A[j]).sum({1, 2}));
-    gA.push_back((ga * gv).to(x.scalar_type()));
-    gB.push_back((gb * gv).to(x.scalar_type()));
+    g_acc.narrow(0, g.gate_offset, g.r).copy_((gb * B[j].to(acc)).sum({1, 2}));
+    gA.push_back(ga.to(x.scalar_type()).contiguous());
+    gB.push_back((gb * gv).to(x.scalar_type()).contiguous());
   }
   return {gx.view(x.sizes()), gA, gB, g_acc.to(x.scalar_type())};
 }
