@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quant", default="nf4", choices=QUANT_MODES, help="base weights: bitsandbytes NF4, int8, or unquantized")
     f.add_argument("--method", default="moka", help=f"{'|'.join(METHODS)} (default: moka)")
     f.add_argument("--r", type=_positive_int, default=4, help="MoKA components / LoRA, DoRA, LoKr rank (default: 4)")
+    f.add_argument("--no-gating", dest="gating", action="store_false",
+                   help="MoKA with fixed, equal mixture weights (the paper's gating-off ablation)")
     f.add_argument("--task", default="arc_easy", help=f"training data: {tasks}|FILE.jsonl (default: arc_easy)")
     f.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_MAX_STEPS}, or from --epochs)")
     f.add_argument("--epochs", type=float, default=None, help="passes over the training data (used when --max-steps is not given)")
@@ -95,7 +97,7 @@ def cmd_finetune(args) -> int:
     if args.resume and args.output_dir is None:
         raise ValueError("--resume needs the --output-dir of the run to continue")
     cfg = FinetuneConfig(
-        model=args.model, quant=args.quant, method=args.method, r=args.r, task=args.task,
+        model=args.model, quant=args.quant, method=args.method, r=args.r, gating=args.gating, task=args.task,
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio, seq_len=args.seq_len,
         eval_task=args.eval_task, eval_limit=args.eval_limit or None, output_dir=output_dir,

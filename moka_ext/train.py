@@ -39,7 +39,7 @@ from . import baselines, data, evaluate, models
 CHECKPOINT = "checkpoint"
 # The settings that shape the optimization trajectory: a checkpoint only resumes a run whose
 # values are all equal (evaluation settings may change between the two halves).
-TRAJECTORY_KEYS = ("model", "quant", "method", "r", "dropout", "task", "max_steps", "epochs",
+TRAJECTORY_KEYS = ("model", "quant", "method", "r", "gating", "dropout", "task", "max_steps", "epochs",
                    "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "seq_len", "seed", "bf16", "world_size")
 
@@ -56,6 +56,7 @@ class FinetuneConfig:
     quant: str = "nf4"
     method: str = "moka"
     r: int = 4
+    gating: bool = True  # MoKA's softmax gate; False is the paper's gating-off ablation
     dropout: float = 0.0
     task: str = "arc_easy"
     max_steps: int | None = None
@@ -169,7 +170,7 @@ def validate(cfg: FinetuneConfig) -> dict | None:
     to resume from (or None)."""
     if cfg.quant not in models.QUANT_MODES:
         raise models.ModelError(f"unknown quantization {cfg.quant!r}: use one of {', '.join(models.QUANT_MODES)}")
-    baselines.check_method(cfg.method, cfg.quant)
+    baselines.check_method(cfg.method, cfg.quant, cfg.gating)
     models.check_model_name(cfg.model)
     data.check_task(cfg.task)
     if cfg.resolved_eval_task() is not None:
@@ -438,7 +439,7 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
             questions = data.load_eval_task(eval_task, cfg.eval_limit) if eval_task else []
 
         model, tokenizer = models.load_model(cfg.model, cfg.quant, dist.device, bf16=cfg.bf16)
-        model = baselines.apply_method(model, cfg.method, cfg.r, cfg.quant, cfg.dropout)
+        model = baselines.apply_method(model, cfg.method, cfg.r, cfg.quant, cfg.dropout, gating=cfg.gating)
         if cfg.quant == "none":  # bitsandbytes models are placed by device_map and refuse .to()
             model.to(dist.device)
         params = baselines.trainable_parameters(model)

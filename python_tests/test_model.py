@@ -211,3 +211,61 @@ def test_bf16_compute_nf4_model_and_autocast_train_with_float32_adapters():
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert fp.model.layers[1].mlp.down_proj.moka_B[1].grad.abs().sum() > 0
+
+
+def test_dequantize_4bit_layers_computes_what_the_nf4_model_computes():
+    from moka_ext.models import dequantize_4bit_layers
+
+    ids = batch(seed=7)["input_ids"]
+    nf4 = tiny_llama("nf4")
+    with torch.no_grad():
+        want = nf4(ids).logits
+    dense = tiny_llama("nf4")
+    assert dequantize_4bit_layers(dense) == N_TARGETS
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
+    assert not any(p.requires_grad for n, p in dense.named_parameters() if "proj" in n)
+    with torch.no_grad():
+        got = dense(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # ...and not the unquantized model: the NF4 rounding is kept.
+    with torch.no_grad():
+        assert (tiny_llama()(ids).logits - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["moka", "lora", "dora"])
+def test_adapter_trained_on_nf4_scores_the_same_merged_on_the_dequantized_base(tmp_path, method):
+    """The quality benchmark's scoring path: an adapter saved from the NF4 model, loaded onto the
+    dequantized base and merged, computes what the NF4 model with the adapter computes."""
+    from moka_ext import baselines
+    from moka_ext.models import dequantize_4bit_layers
+
+    ids = batch(seed=8)["input_ids"]
+    torch.manual_seed(0)
+    trained = baselines.apply_method(tiny_llama("nf4"), method, r=2, quant="nf4")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # stand-in for training: every adapter weight non-zero
+        for n, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        want = trained(ids).logits
+    baselines.save_method_adapter(trained, method, tmp_path / "adapter")
+
+    base = tiny_llama("nf4")
+    dequantize_4bit_layers(base)
+    model = baselines.load_method_adapter(base, tmp_path / "adapter")
+    model = merge_and_unload(model) if method == "moka" else model.merge_and_unload()
+    assert not _moka(model) and not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gating_off_fixes_equal_mixture_weights_and_is_moka_only():
+    from moka_ext import baselines
+
+    model = baselines.apply_method(tiny_llama(), "moka", r=4, quant="none", gating=False)
+    layers = _moka(model)
+    assert layers and all(m.moka_gate_logits is None for m in layers.values())
+    first = next(iter(layers.values()))
+    torch.testing.assert_close(first.gates(), torch.full((4,), first.scale / 4))
+    with pytest.raises(baselines.MethodError, match="gating is a MoKA setting.*'lora'"):
+        baselines.apply_method(tiny_llama(), "lora", r=4, quant="none", gating=False)
