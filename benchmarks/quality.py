@@ -170,7 +170,7 @@ def mean_acc(scores: dict, key: str = "acc") -> float:
     return statistics.mean(scores[t][key] for t in TASKS)
 
 
-def report(out: Path) -> str:
+def report(out: Path, plot_path: Path | None = None) -> str:
     found = collect(out)
     if not found:
         return "no finished runs yet"
@@ -202,7 +202,7 @@ def report(out: Path) -> str:
         f"{t} {found[order[0]][0]['scores'][t]['n']}" for t in TASKS)
     table = "\n".join(lines) + "\n\n" + n_line + "\n"
     (out / "quality.md").write_text(table)
-    plot(points, out / "accuracy_vs_params.png")
+    plot(points, plot_path or out / "accuracy_vs_params.png")
     return table
 
 
@@ -247,11 +247,12 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--report", action="store_true", help="only rebuild quality.md and the plot")
+    p.add_argument("--plot", default=None, help="where the PNG goes (default: OUT/accuracy_vs_params.png)")
     args = p.parse_args(argv)
 
     out = Path(args.out)
     if args.report:
-        print(report(out))
+        print(report(out, args.plot and Path(args.plot)))
         return 0
     runs = parse_runs(args.runs)
     import torch
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
                                       "train_seconds": train_s, "tokens_per_s": tok_s, "study": study})
         score(name, run_dir, args)
         print(f"== {name} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(report(out))
+    print(report(out, args.plot and Path(args.plot)))
     return 0
 
 

@@ -3,15 +3,24 @@
 // Tokens are processed in tiles small enough that a tile's input, output and
 // intermediate stay in L2; threads take contiguous runs of tiles
 // (at::parallel_for). All r components of a group go through two GEMMs per
-// tile, on x and y in their own layouts (no transposing copies):
-//   W_t = As X_t      As (ma*r, na), row a*r+k = A_k[a]     batched over t
-//   Y_t = W_t Bc      W_t viewed (ma, r*nb), Bc (r*nb, mb), row k*nb+b =
-//                     g_k B_k[:, b]                          one GEMM, all t
-// because W_t's rows (a, k) read as an (ma, r*nb) matrix put each component's
-// A_k X_t side by side, and Bc stacks the matching g_k B_k^T, so the second
-// product sums the components. The tile's W is the only intermediate; nothing
-// of size tokens x components is written out. Low-precision inputs are widened
-// to float32 tile by tile (at::opmath_type), float64 stays float64.
+// tile, on x and y in their own layouts (no transposing copies), in whichever
+// order costs fewer flops for the group's shapes:
+//
+//   A first (ma*nb*(na+mb) per token and component):
+//     W_t = As X_t     As (ma*r, na), row a*r+k = A_k[a]      batched over t
+//     Y_t = W_t Bc     W_t read as (ma, r*nb); Bc (r*nb, mb),
+//                      row k*nb+b = g_k B_k[:, b]              one GEMM, all t
+//   B first (na*mb*(nb+ma)):
+//     Z_t = X_t Bs^T   Bs (r*mb, nb), row k*mb+c = B_k[c]      one GEMM, all t
+//     Y_t = Ac Z_t     Z_t read as (na*r, mb); Ac (ma, na*r),
+//                      column a*r+k = g_k A_k[:, a]            batched over t
+//
+// Reading the intermediate's rows (a, k) as one matrix puts the components
+// side by side, and the stacked second factor carries the gates, so the
+// second product sums the components. The tile's intermediate is the only
+// one; nothing of size tokens x components is written out. Low-precision
+// inputs are widened to float32 tile by tile (at::opmath_type), float64
+// stays float64.
 //
 // The tile GEMMs are plain ATen calls: inside the parallel region OpenMP runs
 // MKL's nested region on the calling thread, as in ATen's own im2col
@@ -29,11 +38,19 @@
 namespace moka {
 namespace {
 
-// Widest per-token buffer of any group: W is (ma*r, nb) per token and the
-// backward's factor gradient (ma*r, na).
+bool a_first(const GroupShape& g) {
+  return g.ma * g.nb * (g.na + g.mb) <= g.na * g.mb * (g.nb + g.ma);
+}
+
+// Per-token elements of the group's intermediate (W or Z), and of the
+// backward's per-token factor-gradient products.
+int64_t intermediate_width(const GroupShape& g) {
+  return a_first(g) ? g.ma * g.r * std::max(g.nb, g.na) : g.na * g.r * std::max(g.mb, g.ma);
+}
+
 int64_t intermediate_width(const KronMixShape& s) {
   int64_t w = 1;
-  for (const auto& g : s.groups) w = std::max(w, g.ma * g.r * std::max(g.nb, g.na));
+  for (const auto& g : s.groups) w = std::max(w, intermediate_width(g));
   return w;
 }
 
@@ -59,27 +76,34 @@ Tiling tiling(const KronMixShape& s) {
   return {tile, (s.tokens + tile - 1) / tile};
 }
 
-// Group j's factors rearranged for the two tile GEMMs (see the top of the
-// file), in the accumulation dtype: As (ma*r, na) and Bc (r*nb, mb), gates
-// folded into Bc.
-struct Operands {
-  std::vector<at::Tensor> As, Bc;
+// One group's factors stacked for its two tile GEMMs (see the top of the
+// file), in the accumulation dtype. A first: first = As, second = Bc (gated).
+// B first: first = Bs, second = Ac (gated).
+struct Stacked {
+  bool a_first;
+  at::Tensor first, second;
 };
 
-Operands stack_factors(
+std::vector<Stacked> stack_factors(
     at::TensorList A,
     at::TensorList B,
     const at::Tensor& gates,
     const KronMixShape& s,
     at::ScalarType acc) {
-  Operands o;
+  std::vector<Stacked> out;
   for (size_t j = 0; j < A.size(); ++j) {
     const auto& g = s.groups[j];
     auto gv = gates.narrow(0, g.gate_offset, g.r).to(acc).view({g.r, 1, 1});
-    o.As.push_back(A[j].to(acc).permute({1, 0, 2}).reshape({g.ma * g.r, g.na}));
-    o.Bc.push_back((B[j].to(acc) * gv).transpose(1, 2).reshape({g.r * g.nb, g.mb}));
+    auto a = A[j].to(acc), b = B[j].to(acc);
+    if (a_first(g)) {
+      out.push_back({true, a.permute({1, 0, 2}).reshape({g.ma * g.r, g.na}),
+                     (b * gv).transpose(1, 2).reshape({g.r * g.nb, g.mb})});
+    } else {
+      out.push_back({false, b.reshape({g.r * g.mb, g.nb}),
+                     (a * gv).permute({1, 2, 0}).reshape({g.ma, g.na * g.r})});
+    }
   }
-  return o;
+  return out;
 }
 
 // A thread's scratch, allocated once per parallel chunk and viewed per tile.
@@ -95,10 +119,18 @@ at::Tensor widened(const at::Tensor& tile, const at::Tensor& buf) {
   return out;
 }
 
-// W (n, ma*r, nb) = As X_t for every token t of `x_tile` (n, in).
-void stacked_left(at::Tensor& W, const at::Tensor& x_tile, const at::Tensor& As, const GroupShape& g) {
+// The tile's intermediate into `buf`: A first W (n, ma*r, nb) = As X_t,
+// B first Z (n, na*r, mb) = X_t Bs^T, both as (n, rows, cols).
+at::Tensor first_product(const at::Tensor& buf, const at::Tensor& x_tile, const Stacked& f, const GroupShape& g) {
   const int64_t n = x_tile.size(0);
-  at::bmm_out(W, As.expand({n, g.ma * g.r, g.na}), x_tile.view({n, g.na, g.nb}));
+  if (f.a_first) {
+    auto W = buf.narrow(0, 0, n * g.ma * g.r * g.nb).view({n, g.ma * g.r, g.nb});
+    at::bmm_out(W, f.first.expand({n, g.ma * g.r, g.na}), x_tile.view({n, g.na, g.nb}));
+    return W;
+  }
+  auto Z = buf.narrow(0, 0, n * g.na * g.r * g.mb).view({n * g.na, g.r * g.mb});
+  at::mm_out(Z, x_tile.view({n * g.na, g.nb}), f.first.t());
+  return Z.view({n, g.na * g.r, g.mb});
 }
 
 // y (tokens, out) = [y +] sum over groups and components: with `accumulate`
@@ -107,7 +139,7 @@ void forward_into(
     at::Tensor& y,
     const at::Tensor& x2d,
     const KronMixShape& s,
-    const Operands& ops,
+    const std::vector<Stacked>& ops,
     bool accumulate) {
   const auto acc = accumulate_dtype(x2d.scalar_type());
   const bool widen = y.scalar_type() != acc;
@@ -127,11 +159,15 @@ void forward_into(
       if (widen && accumulate) y_acc.copy_(y_tile);
       for (size_t j = 0; j < s.groups.size(); ++j) {
         const auto& g = s.groups[j];
-        auto W = w_buf.narrow(0, 0, n * g.ma * g.r * g.nb).view({n, g.ma * g.r, g.nb});
-        stacked_left(W, x_tile, ops.As[j], g);
+        const auto& f = ops[j];
+        auto mid = first_product(w_buf, x_tile, f, g);
         // beta = 0 for the first write: y's old contents are ignored.
-        y_acc.view({n * g.ma, g.mb}).addmm_(W.view({n * g.ma, g.r * g.nb}), ops.Bc[j],
-                                            j == 0 && !accumulate ? 0.0 : 1.0);
+        const double beta = j == 0 && !accumulate ? 0.0 : 1.0;
+        if (f.a_first) {
+          y_acc.view({n * g.ma, g.mb}).addmm_(mid.view({n * g.ma, g.r * g.nb}), f.second, beta);
+        } else {
+          y_acc.view({n, g.ma, g.mb}).baddbmm_(f.second.expand({n, g.ma, g.na * g.r}), mid, beta);
+        }
       }
       if (widen) y_tile.copy_(y_acc);
     }
@@ -174,18 +210,18 @@ at::Tensor kron_mix_add_cpu(
   return y.view(out_sizes(x, s.out));
 }
 
-// Backward with W recomputed per tile (only x is saved). Per tile and group,
-// with dY_t (ma, mb) the token's output gradient:
-//   W    = As X_t                     (batched, as in the forward)
-//   G_Bc += W^T dY                    (r*nb, mb), all tokens in one GEMM
-//   dW   = dY Bc^T                    (n*ma, r*nb), one GEMM
-//   dX_t += As^T dW_t                 (batched, written into grad_x)
-//   G_As += sum_t dW_t X_t^T          (batched, then summed over the tile;
-//                                      kept transposed)
-// then dA_k = G_As rows (a, k), dB_k = g_k G_Bc[k]^T and
-// dg_k = <G_Bc[k]^T, B_k>. G_As and G_Bc are summed per chunk of tiles and
-// reduced in chunk order, so the result is deterministic for a given thread
-// count.
+// Backward with the intermediate recomputed per tile (only x is saved). Per
+// tile and group, with dY_t (ma, mb) the token's output gradient:
+//   A first:  W = As X_t                 G_Bc += W^T dY (one GEMM)
+//             dW = dY Bc^T (one GEMM)    dX_t += As^T dW_t (batched)
+//             G_As^T += sum_t X_t dW_t^T (batched, then summed over the tile)
+//   B first:  Z = X_t Bs^T               G_Ac^T += sum_t Z_t dY_t^T (batched)
+//             dZ_t = Ac^T dY_t (batched) G_Bs += dZ^T X (one GEMM)
+//             dX += dZ Bs (one GEMM)
+// The stacked gradients are unstacked at the end; the gated factor's ungated
+// gradient G_k also gives the gates': dg_k = <G_k, factor_k>.
+// Partials are summed per chunk of tiles and reduced in chunk order, so the
+// result is deterministic for a given thread count.
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
 kron_mix_backward_cpu(
     const at::Tensor& grad_y,
@@ -204,11 +240,19 @@ kron_mix_backward_cpu(
   const auto [tile, n_tiles] = tiling(s);
   const int64_t n_chunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), n_tiles));
-  // Per chunk and group: G_As^T (chunks, na, ma*r), G_Bc (chunks, r*nb, mb).
-  std::vector<at::Tensor> GAs, GBc;
-  for (const auto& g : s.groups) {
-    GAs.push_back(at::zeros({n_chunks, g.na, g.ma * g.r}, x.options().dtype(acc)));
-    GBc.push_back(at::zeros({n_chunks, g.r * g.nb, g.mb}, x.options().dtype(acc)));
+  // Per chunk and group: G1 for the first stacked factor (A first: G_As^T,
+  // B first: G_Bs), G2 for the second (G_Bc, or G_Ac^T).
+  std::vector<at::Tensor> G1, G2;
+  for (size_t j = 0; j < s.groups.size(); ++j) {
+    const auto& g = s.groups[j];
+    const auto opts = x.options().dtype(acc);
+    if (ops[j].a_first) {
+      G1.push_back(at::zeros({n_chunks, g.na, g.ma * g.r}, opts));  // G_As^T
+      G2.push_back(at::zeros({n_chunks, g.r * g.nb, g.mb}, opts));  // G_Bc
+    } else {
+      G1.push_back(at::zeros({n_chunks, g.r * g.mb, g.nb}, opts));  // G_Bs
+      G2.push_back(at::zeros({n_chunks, g.na * g.r, g.ma}, opts));  // G_Ac^T
+    }
   }
 
   const bool widen = x.scalar_type() != acc;
@@ -217,7 +261,7 @@ kron_mix_backward_cpu(
     at::AutoDispatchBelowADInplaceOrView guard;
     auto w_buf = scratch(x2d, acc, tile * w_width);
     auto dw_buf = scratch(x2d, acc, tile * w_width);
-    auto ga_buf = scratch(x2d, acc, tile * w_width);
+    auto per_token_buf = scratch(x2d, acc, tile * w_width);
     auto x_buf = widen ? scratch(x2d, acc, tile * s.in) : at::Tensor();
     auto gy_buf = widen ? scratch(x2d, acc, tile * s.out) : at::Tensor();
     auto gx_buf = widen ? scratch(x2d, acc, tile * s.in) : at::Tensor();
@@ -233,20 +277,33 @@ kron_mix_backward_cpu(
         auto gx_acc = widen ? gx_buf.narrow(0, 0, n * s.in).view({n, s.in}) : gx_tile;
         for (size_t j = 0; j < s.groups.size(); ++j) {
           const auto& g = s.groups[j];
-          const int64_t rows = g.ma * g.r;
-          auto W = w_buf.narrow(0, 0, n * rows * g.nb).view({n, rows, g.nb});
-          stacked_left(W, x_tile, ops.As[j], g);
-          auto dY = gy_tile.view({n * g.ma, g.mb});
-          GBc[j][c].addmm_(W.view({n * g.ma, g.r * g.nb}).t(), dY);
-          auto dW = dw_buf.narrow(0, 0, n * rows * g.nb).view({n * g.ma, g.r * g.nb});
-          at::mm_out(dW, dY, ops.Bc[j].t());
-          auto dW3 = dW.view({n, rows, g.nb});
-          auto dX = gx_acc.view({n, g.na, g.nb});
-          dX.baddbmm_(ops.As[j].t().expand({n, g.na, rows}), dW3, j == 0 ? 0.0 : 1.0);
-          // Transposed, X_t dW_t^T, because MKL's batched GEMM is faster that way round.
-          auto per_token = ga_buf.narrow(0, 0, n * g.na * rows).view({n, g.na, rows});
-          at::bmm_out(per_token, x_tile.view({n, g.na, g.nb}), dW3.transpose(1, 2));
-          GAs[j][c].add_(per_token.sum(0));
+          const auto& f = ops[j];
+          const double beta = j == 0 ? 0.0 : 1.0;
+          auto mid = first_product(w_buf, x_tile, f, g);  // (n, rows, cols)
+          const int64_t rows = mid.size(1), cols = mid.size(2);
+          auto x3 = x_tile.view({n, g.na, g.nb});
+          if (f.a_first) {
+            auto dY = gy_tile.view({n * g.ma, g.mb});
+            G2[j][c].addmm_(mid.view({n * g.ma, g.r * g.nb}).t(), dY);
+            auto dW = dw_buf.narrow(0, 0, n * rows * cols).view({n * g.ma, g.r * g.nb});
+            at::mm_out(dW, dY, f.second.t());
+            auto dW3 = dW.view({n, rows, cols});
+            gx_acc.view({n, g.na, g.nb}).baddbmm_(f.first.t().expand({n, g.na, rows}), dW3, beta);
+            // Transposed, X_t dW_t^T: MKL's batched GEMM is faster that way round.
+            auto per_token = per_token_buf.narrow(0, 0, n * g.na * rows).view({n, g.na, rows});
+            at::bmm_out(per_token, x3, dW3.transpose(1, 2));
+            G1[j][c].add_(per_token.sum(0));
+          } else {
+            auto dY3 = gy_tile.view({n, g.ma, g.mb});
+            auto per_token = per_token_buf.narrow(0, 0, n * rows * g.ma).view({n, rows, g.ma});
+            at::bmm_out(per_token, mid, dY3.transpose(1, 2));
+            G2[j][c].add_(per_token.sum(0));
+            auto dZ = dw_buf.narrow(0, 0, n * rows * cols).view({n, rows, cols});
+            at::bmm_out(dZ, f.second.t().expand({n, rows, g.ma}), dY3);
+            auto dZ2 = dZ.view({n * g.na, g.r * g.mb});
+            G1[j][c].addmm_(dZ2.t(), x3.view({n * g.na, g.nb}));
+            gx_acc.view({n * g.na, g.nb}).addmm_(dZ2, f.first, beta);
+          }
         }
         if (widen) gx_tile.copy_(gx_acc);
       }
@@ -257,12 +314,26 @@ kron_mix_backward_cpu(
   auto g_acc = at::empty({s.components}, x.options().dtype(acc));
   for (size_t j = 0; j < s.groups.size(); ++j) {
     const auto& g = s.groups[j];
-    auto ga = GAs[j].sum(0).t().reshape({g.ma, g.r, g.na}).permute({1, 0, 2});  // (r, ma, na)
-    auto gb = GBc[j].sum(0).view({g.r, g.nb, g.mb}).transpose(1, 2);    // (r, mb, nb), ungated
+    // Chunk partials summed in chunk order (a single chunk is the sum).
+    auto g1 = n_chunks == 1 ? G1[j][0] : G1[j].sum(0);
+    auto g2 = n_chunks == 1 ? G2[j][0] : G2[j].sum(0);
     auto gv = gates.narrow(0, g.gate_offset, g.r).to(acc).view({g.r, 1, 1});
-    g_acc.narrow(0, g.gate_offset, g.r).copy_((gb * B[j].to(acc)).sum({1, 2}));
+    at::Tensor ga, gb;  // (r, ma, na), (r, mb, nb); the gated factor's without its gate
+    at::Tensor ungated, factor;
+    if (ops[j].a_first) {
+      ga = g1.t().reshape({g.ma, g.r, g.na}).permute({1, 0, 2});
+      ungated = g2.view({g.r, g.nb, g.mb}).transpose(1, 2);
+      factor = B[j].to(acc);
+      gb = ungated * gv;
+    } else {
+      gb = g1.view({g.r, g.mb, g.nb});
+      ungated = g2.view({g.na, g.r, g.ma}).permute({1, 2, 0});
+      factor = A[j].to(acc);
+      ga = ungated * gv;
+    }
+    g_acc.narrow(0, g.gate_offset, g.r).copy_((ungated * factor).sum({1, 2}));
     gA.push_back(ga.to(x.scalar_type()).contiguous());
-    gB.push_back((gb * gv).to(x.scalar_type()).contiguous());
+    gB.push_back(gb.to(x.scalar_type()).contiguous());
   }
   return {gx.view(x.sizes()), gA, gB, g_acc.to(x.scalar_type())};
 }
