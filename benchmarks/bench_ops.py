@@ -125,6 +125,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", default=None, help="comma list, default '1,<all cores>' on CPU")
+    p.add_argument("--shapes", default=None, help="only the shapes whose name contains this text (e.g. 'k/v')")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--budget", type=float, default=4.0, help="seconds per cell before stopping early")
     p.add_argument("--output", default=None, help="also write the markdown table here")
@@ -137,6 +138,10 @@ def main(argv=None) -> None:
     else:
         grid = [(s, t, r) for s in SHAPES for t in (512, 2048) for r in (1, 4, 8)]
         passes = ["fwd", "bwd", "fwd+bwd"]
+    if args.shapes:
+        grid = [cell for cell in grid if args.shapes in cell[0].name]
+        if not grid:
+            raise SystemExit(f"--shapes {args.shapes!r} matches none of: {', '.join(s.name for s in SHAPES)}")
     all_threads = os.cpu_count() or 1
     if args.threads:
         thread_counts = [int(t) for t in args.threads.split(",")]
