@@ -211,6 +211,7 @@ def plot(points, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     base = next((acc for m, _, acc in points if m == "base"), None)
@@ -221,8 +222,10 @@ def plot(points, path: Path) -> None:
         ax.annotate(METHODS[m].label, (params, 100 * acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if base is not None:
         ax.axhline(100 * base, color="gray", linestyle="--", linewidth=1)
-        ax.text(ax.get_xlim()[0], 100 * base, " base model", va="bottom", fontsize=8, color="gray")
+        ax.text(0.01, 100 * base, "base model, no adapter", transform=ax.get_yaxis_transform(),
+                va="top", fontsize=8, color="gray")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("average zero-shot accuracy, 8 tasks (%)")
     ax.set_title("SmolLM2-135M-Instruct, commonsense mix")

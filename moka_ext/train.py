@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -282,15 +283,36 @@ def trainable_state(model) -> dict:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C or SIGTERM arriving while a checkpoint is written is raised once it is complete,
+    so an interrupt never leaves a half-written or missing checkpoint (or a stray staging
+    directory) behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            raise KeyboardInterrupt
+
+
 def save_checkpoint(out: Path, model, optimizer, scheduler, rng_states: list, state: dict) -> None:
     from safetensors.torch import save_file
 
-    staged = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}.", dir=out))
-    save_file(trainable_state(model), staged / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_states}, staged / "training_state.pt")
-    (staged / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    _replace_dir(staged, out / CHECKPOINT)
+    with _interrupts_deferred():
+        staged = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}.", dir=out))
+        save_file(trainable_state(model), staged / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_states}, staged / "training_state.pt")
+        (staged / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _replace_dir(staged, out / CHECKPOINT)
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> None:
@@ -525,6 +547,7 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
                 train_seconds += time.perf_counter() - t0
                 tok_window += step_tokens
                 step += 1
+                rng_at_step = None  # step complete: the next one begins from the current RNG
                 now = time.perf_counter()
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                 tok_s=f"{tok_window / max(now - t_window, 1e-9):.0f}", refresh=False)
@@ -536,9 +559,11 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
         except KeyboardInterrupt:
             bar.close()
             # The interrupted step's partial gradients are dropped; the RNG goes back to where
-            # that step began, so the resumed run redoes it exactly.
+            # that step began, so the resumed run redoes it exactly. (An interrupt between steps,
+            # e.g. deferred until a checkpoint was written, keeps the current RNG.)
             if step > start_step:
-                checkpoint(step, [rng_at_step] * dist.world_size)
+                rng = rng_at_step if rng_at_step is not None else get_rng_state()
+                checkpoint(step, [rng] * dist.world_size)
                 _say(dist, f"interrupted at step {step}/{steps}: checkpoint saved in {out / CHECKPOINT}; "
                            f"continue with the same command plus --resume")
             raise
