@@ -24,6 +24,7 @@ interrupted continues from its checkpoint or from its last scored task when star
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -136,16 +137,11 @@ def score(name: str, run_dir: Path, args) -> dict:
     return scores
 
 
-_N_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def expected_n(task: str, limit: int) -> int:
     from moka_ext import data
 
-    key = (task, limit)
-    if key not in _N_CACHE:
-        _N_CACHE[key] = len(data.load_eval_task(task, limit or None))
-    return _N_CACHE[key]
+    return len(data.load_eval_task(task, limit or None))
 
 
 # ------------------------------------------------------------------ report
@@ -170,6 +166,13 @@ def mean_acc(scores: dict, key: str = "acc") -> float:
     return statistics.mean(scores[t][key] for t in TASKS)
 
 
+def spread(values: list[float]) -> str:
+    """Mean in percent, with half the range when there are several seeds."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * (max(values) - min(values)) / 2:.2f}"
+
+
 def report(out: Path, plot_path: Path | None = None) -> str:
     found = collect(out)
     if not found:
@@ -190,11 +193,6 @@ def report(out: Path, plot_path: Path | None = None) -> str:
             per_task.append(f"{100 * statistics.mean(vals):.1f}")
         avgs = [mean_acc(r["scores"]) for r in runs]
         avgs_n = [mean_acc(r["scores"], "acc_norm") for r in runs]
-
-        def spread(v):
-            return (f"{100 * statistics.mean(v):.2f} ± {100 * (max(v) - min(v)) / 2:.2f}"
-                    if len(v) > 1 else f"{100 * v[0]:.2f}")
-
         lines.append(f"| {METHODS[m].label} | {seeds} | {params:,} | " + " | ".join(per_task)
                      + f" | {spread(avgs)} | {spread(avgs_n)} |")
         points.append((m, params, statistics.mean(avgs)))

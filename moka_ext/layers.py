@@ -85,6 +85,17 @@ def dense_weight(layer: nn.Module) -> Tensor:
     return _bnb.functional.int8_vectorwise_dequant(CB, SCB).float()
 
 
+def plain_linear(weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> nn.Linear:
+    """An ``nn.Linear`` of ``dtype`` holding ``weight`` (``out x in``) and ``bias``, on their device."""
+    out_features, in_features = weight.shape
+    out = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            out.bias.copy_(bias.detach().to(dtype))
+    return out
+
+
 def group_shapes(shapes: Sequence[Shape]) -> list[tuple[Shape, int]]:
     """Components sharing a shape stacked into one group (what kron_mix takes), in first-seen order."""
     groups: dict[Shape, int] = {}
@@ -319,12 +330,7 @@ class MoKALinear(nn.Module):
                 dtype = base.weight.dtype if self.base_kind == "linear" else (
                     getattr(base, "compute_dtype", None) or torch.float32
                 )
-            out = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=W.device, dtype=dtype)
-            with torch.no_grad():
-                out.weight.copy_(W.to(dtype))
-                if base.bias is not None:
-                    out.bias.copy_(base.bias.detach().to(dtype))
-            return out
+            return plain_linear(W, base.bias, dtype)
         if not self.merged:
             _warn_requantize(self.base_kind)
             with torch.no_grad():

@@ -194,29 +194,21 @@ def disable_cpu_inference_repack(model: torch.nn.Module) -> int:
 
 
 def dequantize_4bit_layers(model: torch.nn.Module) -> int:
-    """Replace every bitsandbytes ``Linear4bit`` by an ``nn.Linear`` holding the weight it
-    computes with (``dequantize_4bit`` of its packed weight, in its compute dtype).
+    """Replace every bitsandbytes ``Linear4bit`` by a frozen ``nn.Linear`` holding the weight it
+    computes with (``moka_ext.layers.dense_weight``, in its compute dtype).
 
     The model computes the same function (bitsandbytes' CPU matmul dequantizes to that weight
     and calls ``linear``), as plain dense layers: an adapter trained on the 4-bit model can be
     loaded onto it and merged exactly, and scoring runs at dense speed. Returns the count."""
-    import bitsandbytes as bnb
+    from .layers import base_kind, dense_weight, plain_linear
 
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, bnb.nn.Linear4bit):
+            if not isinstance(child, torch.nn.Linear) or base_kind(child) != "linear4bit":
                 continue
-            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
-            dtype = child.compute_dtype or weight.dtype
-            dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                    device=weight.device, dtype=dtype)
-            with torch.no_grad():
-                dense.weight.copy_(weight.to(dtype))
-                if child.bias is not None:
-                    dense.bias.copy_(child.bias.to(dtype))
-            dense.requires_grad_(False)
-            setattr(parent, name, dense)
+            dense = plain_linear(dense_weight(child), child.bias, child.compute_dtype or torch.float32)
+            setattr(parent, name, dense.requires_grad_(False))
             replaced += 1
     return replaced
 
