@@ -147,8 +147,8 @@ def expected_n(task: str, limit: int) -> int:
 # ------------------------------------------------------------------ report
 
 
-def collect(out: Path) -> dict:
-    """{method: [{seed, params, scores, metrics}]} from every finished run under ``out``."""
+def collect(out: Path, limit: int) -> dict:
+    """{method: [{seed, params, scores, metrics}]} from every run under ``out`` scored at ``limit``."""
     found: dict = {}
     for run_dir in sorted(out.iterdir()) if out.exists() else []:
         meta_path, scores_path = run_dir / "run.json", run_dir / "scores.json"
@@ -156,7 +156,7 @@ def collect(out: Path) -> dict:
             continue
         meta = json.loads(meta_path.read_text())
         scores = json.loads(scores_path.read_text())
-        if not all(t in scores for t in TASKS):
+        if not all(t in scores and scores[t]["n"] == expected_n(t, limit) for t in TASKS):
             continue
         found.setdefault(meta["method"], []).append({**meta, "scores": scores})
     return found
@@ -173,8 +173,8 @@ def spread(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * (max(values) - min(values)) / 2:.2f}"
 
 
-def report(out: Path, plot_path: Path | None = None) -> str:
-    found = collect(out)
+def report(out: Path, limit: int, plot_path: Path | None = None) -> str:
+    found = collect(out, limit)
     if not found:
         return "no finished runs yet"
     order = [m for m in METHODS if m in found]
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     if args.report:
-        print(report(out, args.plot and Path(args.plot)))
+        print(report(out, args.limit, args.plot and Path(args.plot)))
         return 0
     runs = parse_runs(args.runs)
     import torch
@@ -264,13 +264,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
-    study = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "limit")}
+    # What a run's training depends on; the scoring (--limit) can change, and a run scored at
+    # another limit is rescored task by task.
+    study = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr")}
     for name, seed in runs:
         run_dir = out / f"{name}-s{seed}"
         run_dir.mkdir(exist_ok=True)
         meta_path = run_dir / "run.json"
         if meta_path.exists():
-            have = json.loads(meta_path.read_text())["study"]
+            have = {k: v for k, v in json.loads(meta_path.read_text())["study"].items() if k in study}
             if have != study:
                 raise SystemExit(f"{run_dir} was run with {have}, not {study}: use another --out")
         t0 = time.perf_counter()
@@ -286,7 +288,7 @@ def main(argv=None) -> int:
                                       "train_seconds": train_s, "tokens_per_s": tok_s, "study": study})
         score(name, run_dir, args)
         print(f"== {name} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(report(out, args.plot and Path(args.plot)))
+    print(report(out, args.limit, args.plot and Path(args.plot)))
     return 0
 
 

@@ -62,47 +62,96 @@ def _argmax(values) -> int:
 @torch.no_grad()
 def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
                    max_length: int | None = None, bf16: bool = False) -> list[float]:
-    """Summed continuation log-probabilities for (context, continuation) token lists."""
+    """Summed continuation log-probabilities for (context, continuation) token lists.
+
+    Requests with the same context (the choices of one question) share one forward pass over
+    it: the context runs once with the key/value cache on, its last position scores each
+    continuation's first token, and the continuations (all but their last token) then run on
+    the cache, copied once per continuation. ``batch_size`` bounds the continuations per pass.
+    """
     device = next(model.parameters()).device
     max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+    # The harness scores (ctx + cont)[-(max_length + 1):] and at most its last len - 1 tokens;
+    # that is the request (the tokens before the scored ones, the scored ones).
+    scored = []
+    for ctx, cont in requests:
+        tokens = (ctx + cont)[-(max_length + 1) :]
+        n = min(len(cont), len(tokens) - 1)
+        scored.append((tuple(tokens[: len(tokens) - n]), tokens[len(tokens) - n :]))
+    by_context: dict[tuple, list[int]] = {}
+    for i, (ctx, _) in enumerate(scored):
+        by_context.setdefault(ctx, []).append(i)
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows
     # up on the first batch rather than the last.
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+    contexts = sorted(by_context, key=lambda c: -len(c) - max(len(scored[i][1]) for i in by_context[c]))
     out = [0.0] * len(requests)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            rows = []
-            for i in idx:
-                ctx, cont = requests[i]
-                tokens = (ctx + cont)[-(max_length + 1) :]
-                rows.append((tokens[:-1], min(len(cont), len(tokens) - 1)))
-            # Left padding puts every continuation at the end of its row, so the (vocabulary-
-            # sized) logits are computed for the last `keep` positions only. Positions count
-            # from each row's first real token, so padding does not shift RoPE.
-            width = max(len(r[0]) for r in rows)
-            keep = max(n for _, n in rows)
-            ids = torch.zeros((len(rows), width), dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, (tokens, _) in enumerate(rows):
-                ids[row, width - len(tokens) :] = torch.tensor(tokens)
-                mask[row, width - len(tokens) :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        start = 0
+        while start < len(contexts):
+            batch, n_requests = [], 0
+            while start < len(contexts) and (not batch or n_requests + len(by_context[contexts[start]]) <= batch_size):
+                batch.append(contexts[start])
+                n_requests += len(by_context[contexts[start]])
+                start += 1
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device), logits_to_keep=keep).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for row, (i, (_, n_cont)) in enumerate(zip(idx, rows)):
-                # Input position p predicts token p + 1: the continuation's last n_cont tokens
-                # are predicted by the row's last n_cont positions.
-                full = requests[i][0] + requests[i][1]
-                targets = torch.tensor(full[len(full) - n_cont :], dtype=torch.long)
-                out[i] = logprobs[row, keep - n_cont :].gather(-1, targets[:, None]).sum().item()
+                _score_batch(model, device, batch, [by_context[c] for c in batch], scored, out)
     finally:
         model.train(was_training)
     return out
+
+
+def _left_padded(rows: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, tokens in enumerate(rows):
+        if tokens:
+            ids[r, width - len(tokens) :] = torch.tensor(tokens)
+            mask[r, width - len(tokens) :] = 1
+    return ids, mask
+
+
+def _score_batch(model, device, contexts, members, scored, out) -> None:
+    """Adds the log-likelihoods of the requests ``members[k]`` sharing ``contexts[k]`` to ``out``."""
+    # Context pass. Left padding puts each context's last token in the last column, so only
+    # that column's (vocabulary-sized) logits are computed. Positions count from each row's
+    # first real token, so padding does not shift RoPE.
+    ids, mask = _left_padded(contexts, max(len(c) for c in contexts))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(res.logits[:, -1].float(), dim=-1).cpu()
+    rows, tails = [], []  # per continuation longer than one token: its context's row, its tokens
+    for row, idx in enumerate(members):
+        for i in idx:
+            cont = scored[i][1]
+            out[i] = first[row, cont[0]].item()
+            if len(cont) > 1:
+                rows.append(row)
+                tails.append(i)
+    if not tails:
+        return
+    # Continuation pass: each continuation but its last token, right-padded (the padding comes
+    # after every real token, so causal attention never sees it), on its context's cache.
+    cache = res.cache
+    select = torch.tensor(rows, device=device)
+    cache.batch_select_indices(select)
+    conts = [scored[i][1] for i in tails]
+    width = max(len(c) for c in conts) - 1
+    cids = torch.zeros((len(conts), width), dtype=torch.long)
+    cmask = torch.zeros((len(conts), width), dtype=torch.long)
+    for r, cont in enumerate(conts):
+        cids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+        cmask[r, : len(cont) - 1] = 1
+    cpos = mask.sum(-1)[rows, None] + torch.arange(width)
+    res = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[rows], cmask], dim=1).to(device),
+                position_ids=cpos.to(device), cache=cache, use_cache=True)
+    logprobs = torch.log_softmax(res.logits.float(), dim=-1).cpu()
+    for r, (i, cont) in enumerate(zip(tails, conts)):
+        # Position p of the continuation pass predicts continuation token p + 1.
+        targets = torch.tensor(cont[1:], dtype=torch.long)
+        out[i] += logprobs[r, : len(cont) - 1].gather(-1, targets[:, None]).sum().item()
 
 
 def evaluate(model, tokenizer, questions: Sequence[MultipleChoice], batch_size: int = 16,

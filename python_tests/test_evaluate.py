@@ -33,8 +33,11 @@ class BigramModel(torch.nn.Module):
         self.logits = torch.nn.Parameter(table.log())
         self.config = SimpleNamespace(max_position_embeddings=64)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
-        return SimpleNamespace(logits=self.logits[input_ids[:, -logits_to_keep:]])
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, cache=None,
+                use_cache=False):
+        # A bigram needs no past: its cache only has to follow the batch's row selection.
+        return SimpleNamespace(logits=self.logits[input_ids[:, -logits_to_keep:]],
+                               cache=SimpleNamespace(batch_select_indices=lambda rows: None))
 
 
 # P(' '|q) = 1/2, P(a|' ') = 1/4, P(b|' ') = 1/2, P(b|b) = 1/4 (the rest of each row elsewhere).
@@ -82,11 +85,35 @@ def test_padding_and_batching_match_the_models_own_loss(tmp_path_factory, monkey
     questions = [MultipleChoice(("Question: why?\nAnswer:",) * 2, ("because", "no reason at all"), 0),
                  MultipleChoice(("Sky color:", "Grass color:"), ("blue", "blue"), 0)]
     reqs = [r for q in questions for r in choice_requests(tok, q)]
-    batched = loglikelihoods(model, reqs, batch_size=4)
-    for (ctx, cont), ll in zip(reqs, batched):
-        ids = torch.tensor([ctx + cont])
-        labels = ids.clone()
-        labels[0, : len(ctx)] = -100
-        with torch.no_grad():
-            mean_nll = model(input_ids=ids, labels=labels).loss.item()
-        assert ll == pytest.approx(-mean_nll * len(cont), rel=1e-4, abs=1e-4)
+    # A one-token continuation (scored by the context pass alone) and a shared context whose
+    # continuations have different lengths.
+    reqs += [(reqs[0][0], reqs[0][1][:1]), (reqs[0][0], reqs[1][1] + reqs[0][1])]
+    for batch_size in (1, 3, 16):  # one context per pass, a context split over passes, all at once
+        batched = loglikelihoods(model, reqs, batch_size=batch_size)
+        for (ctx, cont), ll in zip(reqs, batched):
+            assert ll == pytest.approx(own_loglikelihood(model, ctx, cont), rel=1e-4, abs=1e-4)
+
+
+def own_loglikelihood(model, ctx, cont):
+    ids = torch.tensor([ctx + cont])
+    labels = ids.clone()
+    labels[0, : len(ctx)] = -100
+    with torch.no_grad():
+        return -model(input_ids=ids, labels=labels).loss.item() * (ids.shape[1] - max(len(ctx), 1))
+
+
+def test_inputs_longer_than_the_window_are_left_truncated(tmp_path_factory, monkeypatch):
+    from _main_job import use_private_cache
+    from moka_ext import models
+
+    use_private_cache(tmp_path_factory, monkeypatch)
+    torch.manual_seed(0)
+    model, _ = models.load_model("tiny", "none")
+    gen = torch.Generator().manual_seed(1)
+    ctx, cont = torch.randint(0, 100, (12,), generator=gen).tolist(), torch.randint(0, 100, (5,), generator=gen).tolist()
+    # Window 8: the harness scores the continuation on the last 8 + 1 tokens, and with a
+    # window of 3 only the continuation's last 3 tokens (given the one before them).
+    assert loglikelihoods(model, [(ctx, cont)], max_length=8)[0] == pytest.approx(
+        own_loglikelihood(model, ctx[-4:], cont), rel=1e-4, abs=1e-4)
+    assert loglikelihoods(model, [(ctx, cont)], max_length=3)[0] == pytest.approx(
+        own_loglikelihood(model, cont[1:2], cont[2:]), rel=1e-4, abs=1e-4)
