@@ -52,12 +52,15 @@ METHODS = {
     "moka": Method("MoKA r=4, auto shapes", "moka"),
     "mokas": Method("MoKAs r=4", "mokas"),
     "moka-nogate": Method("MoKA r=4, gating off", "moka", gating=False),
+    # One component: the only r whose parameter count can be at most 1/10 of QLoRA r=16's
+    # (each component costs ma*na + mb*nb >= 2 sqrt(out*in), LoRA 16 (out + in) >= 32 sqrt(out*in)).
+    "moka-r1": Method("MoKA r=1, auto shapes", "moka", r=1),
     "qlora": Method("QLoRA r=16", "lora", r=16),
     "qdora": Method("QDoRA r=16", "dora", r=16),
     "lokr": Method("LoKr r=4 (PEFT, unquantized base)", "lokr", quant="none"),
 }
 # Two seeds for the leading methods (MoKA and QLoRA), one for the rest.
-DEFAULT_RUNS = "base:0,moka:0,qlora:0,mokas:0,moka-nogate:0,qdora:0,lokr:0,moka:1,qlora:1"
+DEFAULT_RUNS = "base:0,moka:0,qlora:0,mokas:0,moka-nogate:0,moka-r1:0,qdora:0,lokr:0,moka:1,qlora:1"
 
 
 def parse_runs(spec: str) -> list[tuple[str, int]]:

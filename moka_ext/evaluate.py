@@ -102,13 +102,15 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     return out
 
 
-def _left_padded(rows: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(rows: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``rows``, padded to the longest on the left or the right."""
+    width = max(len(r) for r in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, tokens in enumerate(rows):
-        if tokens:
-            ids[r, width - len(tokens) :] = torch.tensor(tokens)
-            mask[r, width - len(tokens) :] = 1
+        span = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+        ids[r, span] = torch.tensor(tokens, dtype=torch.long)
+        mask[r, span] = 1
     return ids, mask
 
 
@@ -117,7 +119,7 @@ def _score_batch(model, device, contexts, members, scored, out) -> None:
     # Context pass. Left padding puts each context's last token in the last column, so only
     # that column's (vocabulary-sized) logits are computed. Positions count from each row's
     # first real token, so padding does not shift RoPE.
-    ids, mask = _left_padded(contexts, max(len(c) for c in contexts))
+    ids, mask = _padded(contexts, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                 use_cache=True, logits_to_keep=1)
@@ -138,13 +140,8 @@ def _score_batch(model, device, contexts, members, scored, out) -> None:
     select = torch.tensor(rows, device=device)
     cache.batch_select_indices(select)
     conts = [scored[i][1] for i in tails]
-    width = max(len(c) for c in conts) - 1
-    cids = torch.zeros((len(conts), width), dtype=torch.long)
-    cmask = torch.zeros((len(conts), width), dtype=torch.long)
-    for r, cont in enumerate(conts):
-        cids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-        cmask[r, : len(cont) - 1] = 1
-    cpos = mask.sum(-1)[rows, None] + torch.arange(width)
+    cids, cmask = _padded([c[:-1] for c in conts], left=False)
+    cpos = mask.sum(-1)[rows, None] + torch.arange(cids.shape[1])
     res = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[rows], cmask], dim=1).to(device),
                 position_ids=cpos.to(device), cache=cache, use_cache=True)
     logprobs = torch.log_softmax(res.logits.float(), dim=-1).cpu()
