@@ -29,14 +29,15 @@ import time
 
 import torch
 
-# method -> (quantization of the base, human label)
+# method -> (quantization of the base, human label, moka_ext.baselines method, r)
 METHODS = {
-    "qlora": ("nf4", "QLoRA r=16 (PEFT)"),
-    "moka": ("nf4", "MoKA r=4, auto shapes"),
-    "mokas": ("nf4", "MoKAs r=4"),
-    "qdora": ("nf4", "QDoRA r=16 (PEFT)"),
-    "lokr": ("none", "LoKr (PEFT, unquantized base: no bnb support)"),
-    "lycoris_lokr": ("nf4", "LyCORIS LoKr, bypass mode"),
+    "qlora": ("nf4", "QLoRA r=16 (PEFT)", "lora", 16),
+    "moka": ("nf4", "MoKA r=4, auto shapes", "moka", 4),
+    "moka_r1": ("nf4", "MoKA r=1, auto shapes", "moka", 1),
+    "mokas": ("nf4", "MoKAs r=4", "mokas", 4),
+    "qdora": ("nf4", "QDoRA r=16 (PEFT)", "dora", 16),
+    "lokr": ("none", "LoKr r=16 (PEFT, unquantized base: no bnb support)", "lokr", 16),
+    "lycoris_lokr": ("nf4", "LyCORIS LoKr, bypass mode", None, None),
 }
 
 
@@ -83,15 +84,14 @@ def put_adapter(model, method: str, quant: str):
         return model, list(net.parameters())
     from moka_ext.baselines import apply_method
 
-    name = {"qlora": "lora", "qdora": "dora"}.get(method, method)
-    r = 4 if method in ("moka", "mokas") else 16
+    _, _, name, r = METHODS[method]
     model = apply_method(model, name, r, quant)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
 def worker(args) -> dict:
     method = args.worker
-    quant, label = METHODS[method]
+    quant, label = METHODS[method][:2]
     torch.manual_seed(0)
     device = args.device
     compute = torch.bfloat16 if (args.bf16 or device == "cuda") else torch.float32

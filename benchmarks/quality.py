@@ -198,7 +198,7 @@ def report(out: Path, limit: int, plot_path: Path | None = None) -> str:
         avgs_n = [mean_acc(r["scores"], "acc_norm") for r in runs]
         lines.append(f"| {METHODS[m].label} | {seeds} | {params:,} | " + " | ".join(per_task)
                      + f" | {spread(avgs)} | {spread(avgs_n)} |")
-        points.append((m, params, statistics.mean(avgs)))
+        points.append((m, params, statistics.mean(avgs), (max(avgs) - min(avgs)) / 2))
     n_line = "questions per task: " + ", ".join(
         f"{t} {found[order[0]][0]['scores'][t]['n']}" for t in TASKS)
     table = "\n".join(lines) + "\n\n" + n_line + "\n"
@@ -215,12 +215,16 @@ def plot(points, path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    base = next((acc for m, _, acc in points if m == "base"), None)
-    for m, params, acc in points:
-        if m == "base":
-            continue
-        ax.scatter(params, 100 * acc, s=40)
-        ax.annotate(METHODS[m].label, (params, 100 * acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    base = next((acc for m, _, acc, _ in points if m == "base"), None)
+    trained = [p for p in points if p[0] != "base"]
+    markers = "osD^vP*Xh"
+    for i, (m, params, acc, half_range) in enumerate(trained):
+        # Bars: half the range over the seeds, where there are several. Several methods have
+        # nearly the same size, so a legend names them rather than labels beside the points.
+        ax.errorbar(params, 100 * acc, yerr=100 * half_range or None, fmt=markers[i % len(markers)],
+                    markersize=7, capsize=3, label=METHODS[m].label)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.margins(x=0.35, y=0.12)
     if base is not None:
         ax.axhline(100 * base, color="gray", linestyle="--", linewidth=1)
         ax.text(0.01, 100 * base, "base model, no adapter", transform=ax.get_yaxis_transform(),
