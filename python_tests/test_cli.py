@@ -57,8 +57,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(tmp_p
     steps = ["--max-steps", "150"]
     out = tmp_path / "b"
     args = ["finetune", *TINY_RUN, *steps, "--save-steps", "1", "--output-dir", str(out)]
+    # A shell's background job inherits SIGINT ignored, and Python keeps it ignored: give the
+    # child Ctrl-C's default so the test does not depend on how it was started.
     proc = subprocess.Popen([sys.executable, "-m", "moka_ext", *args], env=subprocess_env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = out / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 180
     while not state.exists() and proc.poll() is None and time.time() < deadline:
