@@ -20,6 +20,8 @@ Everything lands in ``--out`` (default ``benchmarks/quality_runs``): one directo
 the trainer's outputs (``metrics.json``, ``adapter/``) and ``scores.json`` (per task, written
 task by task), then ``quality.md`` (the table) and ``accuracy_vs_params.png``. A run that is
 interrupted continues from its checkpoint or from its last scored task when started again.
+The same command with another ``--limit`` rescores the trained runs; other training settings
+(``--steps``, ``--lr``, ...) need their own ``--out``.
 """
 from __future__ import annotations
 
