@@ -26,18 +26,25 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
-# method -> (quantization of the base, human label, moka_ext.baselines method, r)
+class Method(NamedTuple):
+    quant: str  # quantization of the base
+    label: str
+    baseline: str | None  # moka_ext.baselines method; None: LyCORIS, set up in put_adapter
+    r: int | None
+
+
 METHODS = {
-    "qlora": ("nf4", "QLoRA r=16 (PEFT)", "lora", 16),
-    "moka": ("nf4", "MoKA r=4, auto shapes", "moka", 4),
-    "moka_r1": ("nf4", "MoKA r=1, auto shapes", "moka", 1),
-    "mokas": ("nf4", "MoKAs r=4", "mokas", 4),
-    "qdora": ("nf4", "QDoRA r=16 (PEFT)", "dora", 16),
-    "lokr": ("none", "LoKr r=16 (PEFT, unquantized base: no bnb support)", "lokr", 16),
-    "lycoris_lokr": ("nf4", "LyCORIS LoKr, bypass mode", None, None),
+    "qlora": Method("nf4", "QLoRA r=16 (PEFT)", "lora", 16),
+    "moka": Method("nf4", "MoKA r=4, auto shapes", "moka", 4),
+    "moka_r1": Method("nf4", "MoKA r=1, auto shapes", "moka", 1),
+    "mokas": Method("nf4", "MoKAs r=4", "mokas", 4),
+    "qdora": Method("nf4", "QDoRA r=16 (PEFT)", "dora", 16),
+    "lokr": Method("none", "LoKr r=16 (PEFT, unquantized base: no bnb support)", "lokr", 16),
+    "lycoris_lokr": Method("nf4", "LyCORIS LoKr, bypass mode", None, None),
 }
 
 
@@ -84,14 +91,14 @@ def put_adapter(model, method: str, quant: str):
         return model, list(net.parameters())
     from moka_ext.baselines import apply_method
 
-    _, _, name, r = METHODS[method]
-    model = apply_method(model, name, r, quant)
+    m = METHODS[method]
+    model = apply_method(model, m.baseline, m.r, quant)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
 def worker(args) -> dict:
     method = args.worker
-    quant, label = METHODS[method][:2]
+    quant, label = METHODS[method].quant, METHODS[method].label
     torch.manual_seed(0)
     device = args.device
     compute = torch.bfloat16 if (args.bf16 or device == "cuda") else torch.float32
@@ -166,7 +173,7 @@ def main(argv=None) -> None:
         if proc.returncode != 0 or line is None:
             err = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             print(f"{method}: failed: {err}", flush=True)
-            results.append({"method": method, "label": METHODS[method][1], "error": err})
+            results.append({"method": method, "label": METHODS[method].label, "error": err})
             continue
         results.append(json.loads(line[len("RESULT "):]))
         print(f"{method}: done", flush=True)

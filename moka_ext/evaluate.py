@@ -16,7 +16,7 @@ Ties go to the first choice, as ``numpy.argmax`` does in the harness.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -61,13 +61,15 @@ def _argmax(values) -> int:
 
 @torch.no_grad()
 def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                   max_length: int | None = None, bf16: bool = False) -> list[float]:
+                   max_length: int | None = None, bf16: bool = False,
+                   on_batch: Callable[[int], None] | None = None) -> list[float]:
     """Summed continuation log-probabilities for (context, continuation) token lists.
 
     Requests with the same context (the choices of one question) share one forward pass over
     it: the context runs once with the key/value cache on, its last position scores each
     continuation's first token, and the continuations (all but their last token) then run on
-    the cache, copied once per continuation. ``batch_size`` bounds the continuations per pass.
+    the cache, copied once per continuation. ``batch_size`` bounds the continuations per pass;
+    ``on_batch(n)`` is called after each pass with the number of requests it scored.
     """
     device = next(model.parameters()).device
     max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
@@ -97,6 +99,8 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
                 start += 1
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 _score_batch(model, device, batch, [by_context[c] for c in batch], scored, out)
+            if on_batch is not None:
+                on_batch(n_requests)
     finally:
         model.train(was_training)
     return out
@@ -159,23 +163,14 @@ def evaluate(model, tokenizer, questions: Sequence[MultipleChoice], batch_size: 
         for req in choice_requests(tokenizer, q):
             requests.append(req)
             owners.append(qi)
-    lls = _with_progress(model, requests, batch_size, bf16, progress, desc)
+    if progress:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(requests), desc=desc, unit="choice", leave=False, miniters=1) as bar:
+            lls = loglikelihoods(model, requests, batch_size, bf16=bf16, on_batch=bar.update)
+    else:
+        lls = loglikelihoods(model, requests, batch_size, bf16=bf16)
     per_question = [[] for _ in questions]
     for qi, ll in zip(owners, lls):
         per_question[qi].append(ll)
     return score_questions(per_question, questions)
-
-
-def _with_progress(model, requests, batch_size, bf16, progress, desc):
-    if not progress:
-        return loglikelihoods(model, requests, batch_size, bf16=bf16)
-    from tqdm.auto import tqdm
-
-    # Chunks of two batches: the longest-first ordering still groups lengths, and the bar moves.
-    chunk = batch_size * 2
-    out = []
-    with tqdm(total=len(requests), desc=desc, unit="choice", leave=False, miniters=1) as bar:
-        for s in range(0, len(requests), chunk):
-            out += loglikelihoods(model, requests[s : s + chunk], batch_size, bf16=bf16)
-            bar.update(len(requests[s : s + chunk]))
-    return out

@@ -57,8 +57,9 @@ def test_hand_computed_loglikelihoods_and_accuracies():
     assert lls == pytest.approx([math.log(1 / 8), math.log(1 / 16)], abs=1e-5)
     assert score_questions([lls], [q_norm_right]) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
     assert score_questions([lls], [q_raw_right]) == {"acc": 1.0, "acc_norm": 0.0, "n": 1}
-    both = evaluate(model, tok, [q_norm_right, q_raw_right], batch_size=3)
-    assert both == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
+    for progress in (False, True):  # the progress bar path scores the same
+        both = evaluate(model, tok, [q_norm_right, q_raw_right], batch_size=3, progress=progress)
+        assert both == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
 
 
 def test_trailing_context_space_moves_into_the_continuation():
@@ -99,7 +100,7 @@ def own_loglikelihood(model, ctx, cont):
     labels = ids.clone()
     labels[0, : len(ctx)] = -100
     with torch.no_grad():
-        return -model(input_ids=ids, labels=labels).loss.item() * (ids.shape[1] - max(len(ctx), 1))
+        return -model(input_ids=ids, labels=labels).loss.item() * len(cont)  # the loss is a mean
 
 
 def test_inputs_longer_than_the_window_are_left_truncated(tmp_path_factory, monkeypatch):
