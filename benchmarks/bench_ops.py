@@ -6,8 +6,9 @@
 - ``dense``: materialize ``dW = sum g_i kron(A_i, B_i)`` and multiply (what
   PEFT's LoKr does every step; ``moka_ext.reference.kron_mix``).
 
-Each cell is the median of repeated runs with the min-max spread; ratios are
-taken within one run. Usage:
+Each cell is the median of repeated runs with the min-max spread. The methods
+are timed interleaved, one call each per repeat, so that ratios compare runs
+made under the same conditions. Usage:
 
     python benchmarks/bench_ops.py             # full CPU table (~30 min on 2 cores)
     python benchmarks/bench_ops.py --quick     # < 60 s: the target shape and one SmolLM2 shape
@@ -82,34 +83,40 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_pass(fn, inputs, which: str, device: str, reps: int, budget_s: float) -> list[float]:
-    """Seconds per call of `which` in {fwd, bwd, fwd+bwd}; `reps` runs after a warm-up,
-    fewer if the time budget runs out (never fewer than 3)."""
+def time_once(fn, inputs, which: str, device: str) -> float:
+    """Seconds of one `which` in {fwd, bwd, fwd+bwd}: bwd times only the backward
+    of a fresh forward."""
     x, A, B, gates, grad_y = inputs
-    params = [x, *A, *B, gates]
-    times = []
+    sync(device)
+    t0 = time.perf_counter()
+    if which == "fwd":
+        with torch.no_grad():
+            fn(x, A, B, gates)
+        sync(device)
+        return time.perf_counter() - t0
+    y = fn(x, A, B, gates)
+    sync(device)
+    t1 = time.perf_counter()
+    torch.autograd.grad(y, [x, *A, *B, gates], grad_y)
+    sync(device)
+    return time.perf_counter() - (t1 if which == "bwd" else t0)
+
+
+def time_cell(inputs, which: str, device: str, min_reps: int, max_reps: int,
+              budget_s: float) -> dict[str, list[float]]:
+    """Seconds per call of every method, interleaved: each repeat times each method
+    once, the order rotating, so that a slow spell of the machine falls on all of
+    them alike. After one untimed warm-up call each, repeats run until `max_reps`,
+    or until `budget_s` is spent once `min_reps` are done."""
+    names = list(METHODS)
+    for name in names:  # warms caches and allocators
+        time_once(METHODS[name], inputs, which, device)
+    times: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
-    for i in range(reps + 1):
-        if which == "fwd":
-            sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                fn(x, A, B, gates)
-            sync(device)
-            dt = time.perf_counter() - t0
-        else:
-            sync(device)
-            t0 = time.perf_counter()
-            y = fn(x, A, B, gates)
-            sync(device)
-            t1 = time.perf_counter()
-            torch.autograd.grad(y, params, grad_y)
-            sync(device)
-            dt = time.perf_counter() - (t1 if which == "bwd" else t0)
-            del y
-        if i > 0:  # the first run warms caches and allocators
-            times.append(dt)
-        if i >= 3 and time.perf_counter() - start > budget_s:
+    for rep in range(max_reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            times[name].append(time_once(METHODS[name], inputs, which, device))
+        if rep + 1 >= min_reps and time.perf_counter() - start > budget_s:
             break
     return times
 
@@ -126,8 +133,10 @@ def main(argv=None) -> None:
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", default=None, help="comma list, default '1,<all cores>' on CPU")
     p.add_argument("--shapes", default=None, help="only the shapes whose name contains this text (e.g. 'k/v')")
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--budget", type=float, default=4.0, help="seconds per cell before stopping early")
+    p.add_argument("--reps", type=int, default=7, help="repeats per cell at least")
+    p.add_argument("--max-reps", type=int, default=60, help="repeats per cell at most")
+    p.add_argument("--budget", type=float, default=4.0,
+                   help="seconds per cell (all methods) after which no repeat past --reps starts")
     p.add_argument("--output", default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
@@ -159,8 +168,8 @@ def main(argv=None) -> None:
         "times in ms: median [min-max]; speedup = baseline median / moka median\n"
     )
     rows = [
-        "| shape | T | r | threads | pass | moka | einsum | dense | vs einsum | vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | T | r | threads | pass | reps | moka | einsum | dense | vs einsum | vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print(header)
     print("\n".join(rows), flush=True)
@@ -169,12 +178,12 @@ def main(argv=None) -> None:
         for shape, tokens, r in grid:
             inputs = make_inputs(shape, r, tokens, dtype, args.device)
             for which in passes:
-                res = {m: time_pass(fn, inputs, which, args.device, args.reps, args.budget)
-                       for m, fn in METHODS.items()}
+                res = time_cell(inputs, which, args.device, args.reps,
+                                max(args.reps, args.max_reps), args.budget)
                 med = {m: statistics.median(ts) for m, ts in res.items()}
                 row = (
                     f"| {shape.name} (A {shape.ma}x{shape.na}, B {shape.mb}x{shape.nb}) | {tokens} | {r} "
-                    f"| {threads} | {which} | {fmt(res['moka'])} | {fmt(res['einsum'])} | {fmt(res['dense'])} "
+                    f"| {threads} | {which} | {len(res['moka'])} | {fmt(res['moka'])} | {fmt(res['einsum'])} | {fmt(res['dense'])} "
                     f"| {med['einsum'] / med['moka']:.2f}x | {med['dense'] / med['moka']:.2f}x |"
                 )
                 rows.append(row)

@@ -161,20 +161,34 @@ def test_zero_tokens_and_1d_input(device):
 
 
 def test_non_contiguous_inputs(device):
-    x, A, B, g = make_mix((5, 4), HETERO, device=device)
-    xt = torch.randn(24, 4, 5, dtype=torch.float64, device=device).permute(2, 1, 0)
-    At = [a.transpose(1, 2).contiguous().transpose(1, 2) for a in A]
-    Bt = [torch.stack([b, b], -1)[..., 0] for b in B]
-    assert not any(t.is_contiguous() for t in At + Bt)
-    gt = torch.randn(12, dtype=torch.float64, device=device)[::2]
-    assert not xt.is_contiguous() and not gt.is_contiguous()
-    torch.testing.assert_close(moka_ext.kron_mix(xt, At, Bt, gt), reference.kron_mix(xt, At, Bt, gt))
+    # Every input a strided view, forward and gradients: the kernels read x, the
+    # factors and the gates through their strides.
+    _, A, B, _ = make_mix((5, 4), HETERO, device=device)
+    xt = torch.randn(24, 4, 5, dtype=torch.float64, device=device, requires_grad=True).permute(2, 1, 0)
+    At = [a.transpose(1, 2).contiguous().requires_grad_().transpose(1, 2) for a in A]
+    Bt = [torch.stack([b, b], -1).requires_grad_()[..., 0] for b in B]
+    gt = torch.randn(12, dtype=torch.float64, device=device, requires_grad=True)[::2]
+    assert not any(t.is_contiguous() for t in [xt, gt, *At, *Bt])
+    y, d = grads(moka_ext.kron_mix, xt, At, Bt, gt)
+    y_r, d_r = grads(reference.kron_mix, xt, At, Bt, gt)
+    torch.testing.assert_close(y, y_r)
+    for a, b in zip(d, d_r):
+        torch.testing.assert_close(a, b)
 
 
-def test_many_tokens_cross_tiles_and_threads(device):
-    # More tokens than one tile (64) and an odd count: tiles, thread chunks and the tail.
-    x, A, B, g = make_mix((517,), [(4, 8, 8, 8, 8)], torch.float64, device=device, requires_grad=True)
-    y, d = grads(moka_ext.kron_mix, x, A, B, g)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_tokens_cross_tiles_and_threads(device, threads):
+    # More tokens than one tile (256 at most) and an odd count: tiles, one chunk
+    # of tiles per thread and the short last tile. Each group order, with
+    # its own reduction of the chunks' factor gradients.
+    x, A, B, g = make_mix((1037,), [(4, 8, 8, 8, 8), (1, 16, 2, 4, 32)], torch.float64,
+                          device=device, requires_grad=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, d = grads(moka_ext.kron_mix, x, A, B, g)
+    finally:
+        torch.set_num_threads(before)
     y_r, d_r = grads(reference.kron_mix, x, A, B, g)
     torch.testing.assert_close(y, y_r)
     for a, b in zip(d, d_r):

@@ -29,10 +29,13 @@
 #include "../validate.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 namespace moka {
@@ -84,31 +87,93 @@ struct Stacked {
   at::Tensor first, second;
 };
 
+// Elements of a group's two stacked factors (and of their gradients).
+int64_t stacked_numel(const GroupShape& g) {
+  return g.r * (g.ma * g.na + g.mb * g.nb);
+}
+
+// Element (k, row, col) of a 3-D factor of any strides.
+template <typename T>
+struct Factor {
+  const T* p;
+  int64_t s0, s1, s2;
+  explicit Factor(const at::Tensor& t)
+      : p(t.const_data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
+  T operator()(int64_t k, int64_t row, int64_t col) const { return p[k * s0 + row * s1 + col * s2]; }
+};
+
+// Every group's stacked factors, written element by element into one buffer:
+// they are small, and a loop here replaces a dozen ATen calls per group.
 std::vector<Stacked> stack_factors(
     at::TensorList A,
     at::TensorList B,
     const at::Tensor& gates,
     const KronMixShape& s,
     at::ScalarType acc) {
+  int64_t total = 0;
+  for (const auto& g : s.groups) total += stacked_numel(g);
+  auto buf = at::empty({total}, gates.options().dtype(acc));
   std::vector<Stacked> out;
-  for (size_t j = 0; j < A.size(); ++j) {
-    const auto& g = s.groups[j];
-    auto gv = gates.narrow(0, g.gate_offset, g.r).to(acc).view({g.r, 1, 1});
-    auto a = A[j].to(acc), b = B[j].to(acc);
-    if (a_first(g)) {
-      out.push_back({true, a.permute({1, 0, 2}).reshape({g.ma * g.r, g.na}),
-                     (b * gv).transpose(1, 2).reshape({g.r * g.nb, g.mb})});
-    } else {
-      out.push_back({false, b.reshape({g.r * g.mb, g.nb}),
-                     (a * gv).permute({1, 2, 0}).reshape({g.ma, g.na * g.r})});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gates.scalar_type(), "stack_factors", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = gates.const_data_ptr<scalar_t>();
+    const int64_t gs = gates.stride(0);
+    acc_t* p = buf.mutable_data_ptr<acc_t>();
+    int64_t offset = 0;
+    for (size_t j = 0; j < s.groups.size(); ++j) {
+      const auto& g = s.groups[j];
+      const Factor<scalar_t> a(A[j]), b(B[j]);
+      auto gate = [&](int64_t k) { return static_cast<acc_t>(gp[(g.gate_offset + k) * gs]); };
+      const int64_t size_a = g.r * g.ma * g.na, size_b = g.r * g.mb * g.nb;
+      const bool af = a_first(g);
+      const int64_t n_first = af ? size_a : size_b;  // As holds A, Bs holds B
+      acc_t* first = p + offset;
+      acc_t* second = first + n_first;
+      if (af) {
+        for (int64_t row = 0; row < g.ma; ++row)  // As row row*r+k = A_k[row]
+          for (int64_t k = 0; k < g.r; ++k)
+            for (int64_t col = 0; col < g.na; ++col)
+              first[(row * g.r + k) * g.na + col] = static_cast<acc_t>(a(k, row, col));
+        for (int64_t k = 0; k < g.r; ++k)  // Bc row k*nb+col = g_k B_k[:, col]
+          for (int64_t row = 0; row < g.mb; ++row)
+            for (int64_t col = 0; col < g.nb; ++col)
+              second[(k * g.nb + col) * g.mb + row] = gate(k) * static_cast<acc_t>(b(k, row, col));
+      } else {
+        for (int64_t k = 0; k < g.r; ++k)  // Bs row k*mb+row = B_k[row]
+          for (int64_t row = 0; row < g.mb; ++row)
+            for (int64_t col = 0; col < g.nb; ++col)
+              first[(k * g.mb + row) * g.nb + col] = static_cast<acc_t>(b(k, row, col));
+        for (int64_t k = 0; k < g.r; ++k)  // Ac column col*r+k = g_k A_k[:, col]
+          for (int64_t row = 0; row < g.ma; ++row)
+            for (int64_t col = 0; col < g.na; ++col)
+              second[(row * g.na + col) * g.r + k] = gate(k) * static_cast<acc_t>(a(k, row, col));
+      }
+      auto first_t = buf.narrow(0, offset, n_first);
+      auto second_t = buf.narrow(0, offset + n_first, size_a + size_b - n_first);
+      out.push_back(af ? Stacked{true, first_t.view({g.ma * g.r, g.na}), second_t.view({g.r * g.nb, g.mb})}
+                       : Stacked{false, first_t.view({g.r * g.mb, g.nb}), second_t.view({g.ma, g.na * g.r})});
+      offset += stacked_numel(g);
     }
-  }
+  });
   return out;
 }
 
-// A thread's scratch, allocated once per parallel chunk and viewed per tile.
-at::Tensor scratch(const at::Tensor& like, at::ScalarType acc, int64_t numel) {
-  return at::empty({numel}, like.options().dtype(acc));
+// A thread's scratch buffers of the given sizes (0: undefined), carved from one
+// allocation per parallel chunk, each on a 64-byte boundary, viewed per tile.
+template <size_t N>
+std::array<at::Tensor, N> scratch(
+    const at::Tensor& like, at::ScalarType acc, const std::array<int64_t, N>& sizes) {
+  auto padded = [](int64_t n) { return (n + 15) / 16 * 16; };
+  int64_t total = 0;
+  for (int64_t n : sizes) total += padded(n);
+  const auto buf = at::empty({total}, like.options().dtype(acc));
+  std::array<at::Tensor, N> out;
+  int64_t offset = 0;
+  for (size_t i = 0; i < N; ++i) {
+    if (sizes[i] > 0) out[i] = buf.narrow(0, offset, sizes[i]);
+    offset += padded(sizes[i]);
+  }
+  return out;
 }
 
 // `tile` itself when it already has the accumulation dtype, else widened into `buf`.
@@ -147,9 +212,8 @@ void forward_into(
   const int64_t w_width = intermediate_width(s);
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto w_buf = scratch(x2d, acc, tile * w_width);
-    auto x_buf = widen ? scratch(x2d, acc, tile * s.in) : at::Tensor();
-    auto y_buf = widen ? scratch(x2d, acc, tile * s.out) : at::Tensor();
+    auto [w_buf, x_buf, y_buf] = scratch<3>(
+        x2d, acc, {tile * w_width, widen ? tile * s.in : 0, widen ? tile * s.out : 0});
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t0 = it * tile;
       const int64_t n = std::min(tile, s.tokens - t0);
@@ -189,6 +253,7 @@ at::Tensor kron_mix_cpu(
     at::TensorList A,
     at::TensorList B,
     const at::Tensor& gates) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto s = check_kron_mix_args("kron_mix", x, A, B, gates);
   const auto acc = accumulate_dtype(x.scalar_type());
   auto y = at::empty({s.tokens, s.out}, x.options());
@@ -202,6 +267,7 @@ at::Tensor kron_mix_add_cpu(
     at::TensorList A,
     at::TensorList B,
     const at::Tensor& gates) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto s = check_kron_mix_args("kron_mix_add", x, A, B, gates);
   check_like_output("kron_mix_add", "base", base, x, s.out);
   const auto acc = accumulate_dtype(x.scalar_type());
@@ -229,6 +295,7 @@ kron_mix_backward_cpu(
     at::TensorList A,
     at::TensorList B,
     const at::Tensor& gates) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto s = check_kron_mix_args("kron_mix_backward", x, A, B, gates);
   check_like_output("kron_mix_backward", "grad_y", grad_y, x, s.out);
   const auto acc = accumulate_dtype(x.scalar_type());
@@ -240,32 +307,42 @@ kron_mix_backward_cpu(
   const auto [tile, n_tiles] = tiling(s);
   const int64_t n_chunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), n_tiles));
-  // Per chunk and group: G1 for the first stacked factor (A first: G_As^T,
-  // B first: G_Bs), G2 for the second (G_Bc, or G_Ac^T).
-  std::vector<at::Tensor> G1, G2;
-  for (size_t j = 0; j < s.groups.size(); ++j) {
-    const auto& g = s.groups[j];
-    const auto opts = x.options().dtype(acc);
-    if (ops[j].a_first) {
-      G1.push_back(at::zeros({n_chunks, g.na, g.ma * g.r}, opts));  // G_As^T
-      G2.push_back(at::zeros({n_chunks, g.r * g.nb, g.mb}, opts));  // G_Bc
-    } else {
-      G1.push_back(at::zeros({n_chunks, g.r * g.mb, g.nb}, opts));  // G_Bs
-      G2.push_back(at::zeros({n_chunks, g.na * g.r, g.ma}, opts));  // G_Ac^T
-    }
+  // Per chunk of tiles, the partial gradients of every group's stacked
+  // factors, at the factors' offsets in stack_factors' buffer but in the
+  // layouts the tile GEMMs produce them: G1 for the first (A first: G_As^T,
+  // B first: G_Bs), then G2 for the second (G_Bc, or G_Ac^T).
+  std::vector<int64_t> offsets;
+  int64_t per_chunk = 0;
+  for (const auto& g : s.groups) {
+    offsets.push_back(per_chunk);
+    per_chunk += stacked_numel(g);
   }
+  auto partials = at::zeros({n_chunks, per_chunk}, x.options().dtype(acc));
 
   const bool widen = x.scalar_type() != acc;
   const int64_t w_width = intermediate_width(s);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto w_buf = scratch(x2d, acc, tile * w_width);
-    auto dw_buf = scratch(x2d, acc, tile * w_width);
-    auto per_token_buf = scratch(x2d, acc, tile * w_width);
-    auto x_buf = widen ? scratch(x2d, acc, tile * s.in) : at::Tensor();
-    auto gy_buf = widen ? scratch(x2d, acc, tile * s.out) : at::Tensor();
-    auto gx_buf = widen ? scratch(x2d, acc, tile * s.in) : at::Tensor();
+    auto [w_buf, dw_buf, per_token_buf, x_buf, gy_buf, gx_buf] = scratch<6>(
+        x2d, acc,
+        {tile * w_width, tile * w_width, tile * w_width, widen ? tile * s.in : 0,
+         widen ? tile * s.out : 0, widen ? tile * s.in : 0});
+    const auto ones = at::ones({1, tile}, x2d.options().dtype(acc));  // sums over a tile's tokens
     for (int64_t c = c_begin; c < c_end; ++c) {
+      std::vector<at::Tensor> G1, G2;  // this chunk's
+      for (size_t j = 0; j < s.groups.size(); ++j) {
+        const auto& g = s.groups[j];
+        const int64_t n1 = ops[j].first.numel(), n2 = ops[j].second.numel();
+        auto g1 = partials[c].narrow(0, offsets[j], n1);
+        auto g2 = partials[c].narrow(0, offsets[j] + n1, n2);
+        if (ops[j].a_first) {
+          G1.push_back(g1.view({g.na, g.ma * g.r}));
+          G2.push_back(g2.view({g.r * g.nb, g.mb}));
+        } else {
+          G1.push_back(g1.view({g.r * g.mb, g.nb}));
+          G2.push_back(g2.view({g.na * g.r, g.ma}));
+        }
+      }
       const int64_t it_begin = c * n_tiles / n_chunks;
       const int64_t it_end = (c + 1) * n_tiles / n_chunks;
       for (int64_t it = it_begin; it < it_end; ++it) {
@@ -275,6 +352,7 @@ kron_mix_backward_cpu(
         auto gy_tile = widened(gy2d.narrow(0, t0, n), gy_buf);
         auto gx_tile = gx.narrow(0, t0, n);
         auto gx_acc = widen ? gx_buf.narrow(0, 0, n * s.in).view({n, s.in}) : gx_tile;
+        const auto tile_ones = ones.narrow(1, 0, n);
         for (size_t j = 0; j < s.groups.size(); ++j) {
           const auto& g = s.groups[j];
           const auto& f = ops[j];
@@ -284,7 +362,7 @@ kron_mix_backward_cpu(
           auto x3 = x_tile.view({n, g.na, g.nb});
           if (f.a_first) {
             auto dY = gy_tile.view({n * g.ma, g.mb});
-            G2[j][c].addmm_(mid.view({n * g.ma, g.r * g.nb}).t(), dY);
+            G2[j].addmm_(mid.view({n * g.ma, g.r * g.nb}).t(), dY);
             auto dW = dw_buf.narrow(0, 0, n * rows * cols).view({n * g.ma, g.r * g.nb});
             at::mm_out(dW, dY, f.second.t());
             auto dW3 = dW.view({n, rows, cols});
@@ -292,16 +370,16 @@ kron_mix_backward_cpu(
             // Transposed, X_t dW_t^T: MKL's batched GEMM is faster that way round.
             auto per_token = per_token_buf.narrow(0, 0, n * g.na * rows).view({n, g.na, rows});
             at::bmm_out(per_token, x3, dW3.transpose(1, 2));
-            G1[j][c].add_(per_token.sum(0));
+            G1[j].view({1, g.na * rows}).addmm_(tile_ones, per_token.view({n, g.na * rows}));  // sum over t
           } else {
             auto dY3 = gy_tile.view({n, g.ma, g.mb});
             auto per_token = per_token_buf.narrow(0, 0, n * rows * g.ma).view({n, rows, g.ma});
             at::bmm_out(per_token, mid, dY3.transpose(1, 2));
-            G2[j][c].add_(per_token.sum(0));
+            G2[j].view({1, rows * g.ma}).addmm_(tile_ones, per_token.view({n, rows * g.ma}));
             auto dZ = dw_buf.narrow(0, 0, n * rows * cols).view({n, rows, cols});
             at::bmm_out(dZ, f.second.t().expand({n, rows, g.ma}), dY3);
             auto dZ2 = dZ.view({n * g.na, g.r * g.mb});
-            G1[j][c].addmm_(dZ2.t(), x3.view({n * g.na, g.nb}));
+            G1[j].addmm_(dZ2.t(), x3.view({n * g.na, g.nb}));
             gx_acc.view({n * g.na, g.nb}).addmm_(dZ2, f.first, beta);
           }
         }
@@ -310,32 +388,63 @@ kron_mix_backward_cpu(
     }
   });
 
+  // Unstacking: each gradient element is read from its stacked position (the
+  // index maps of stack_factors), the chunk partials summed in chunk order.
+  // The gated factor's gradient without its gate, U_k, also gives the gate's:
+  // dg_k = <U_k, factor_k>.
   std::vector<at::Tensor> gA, gB;
-  auto g_acc = at::empty({s.components}, x.options().dtype(acc));
-  for (size_t j = 0; j < s.groups.size(); ++j) {
-    const auto& g = s.groups[j];
-    // Chunk partials summed in chunk order (a single chunk is the sum).
-    auto g1 = n_chunks == 1 ? G1[j][0] : G1[j].sum(0);
-    auto g2 = n_chunks == 1 ? G2[j][0] : G2[j].sum(0);
-    auto gv = gates.narrow(0, g.gate_offset, g.r).to(acc).view({g.r, 1, 1});
-    at::Tensor ga, gb;  // (r, ma, na), (r, mb, nb); the gated factor's without its gate
-    at::Tensor ungated, factor;
-    if (ops[j].a_first) {
-      ga = g1.t().reshape({g.ma, g.r, g.na}).permute({1, 0, 2});
-      ungated = g2.view({g.r, g.nb, g.mb}).transpose(1, 2);
-      factor = B[j].to(acc);
-      gb = ungated * gv;
-    } else {
-      gb = g1.view({g.r, g.mb, g.nb});
-      ungated = g2.view({g.na, g.r, g.ma}).permute({1, 2, 0});
-      factor = A[j].to(acc);
-      ga = ungated * gv;
+  auto g_gates = at::empty({s.components}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "kron_mix_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* P = partials.const_data_ptr<acc_t>();
+    auto partial = [&](int64_t index) {
+      acc_t v = 0;
+      for (int64_t c = 0; c < n_chunks; ++c) v += P[c * per_chunk + index];
+      return v;
+    };
+    const scalar_t* gp = gates.const_data_ptr<scalar_t>();
+    scalar_t* dg = g_gates.mutable_data_ptr<scalar_t>();
+    for (size_t j = 0; j < s.groups.size(); ++j) {
+      const auto& g = s.groups[j];
+      auto ga = at::empty({g.r, g.ma, g.na}, x.options());
+      auto gb = at::empty({g.r, g.mb, g.nb}, x.options());
+      scalar_t* pa = ga.mutable_data_ptr<scalar_t>();
+      scalar_t* pb = gb.mutable_data_ptr<scalar_t>();
+      const Factor<scalar_t> a(A[j]), b(B[j]);
+      const int64_t g1 = offsets[j], g2 = offsets[j] + ops[j].first.numel();
+      for (int64_t k = 0; k < g.r; ++k) {
+        const auto gate = static_cast<acc_t>(gp[(g.gate_offset + k) * gates.stride(0)]);
+        acc_t dot = 0;
+        if (ops[j].a_first) {
+          for (int64_t row = 0; row < g.ma; ++row)  // G_As^T[col, row*r+k]
+            for (int64_t col = 0; col < g.na; ++col)
+              pa[(k * g.ma + row) * g.na + col] =
+                  static_cast<scalar_t>(partial(g1 + col * g.ma * g.r + row * g.r + k));
+          for (int64_t row = 0; row < g.mb; ++row)  // G_Bc[k*nb+col, row]
+            for (int64_t col = 0; col < g.nb; ++col) {
+              const acc_t u = partial(g2 + (k * g.nb + col) * g.mb + row);
+              pb[(k * g.mb + row) * g.nb + col] = static_cast<scalar_t>(gate * u);
+              dot += u * static_cast<acc_t>(b(k, row, col));
+            }
+        } else {
+          for (int64_t row = 0; row < g.mb; ++row)  // G_Bs[k*mb+row, col]
+            for (int64_t col = 0; col < g.nb; ++col)
+              pb[(k * g.mb + row) * g.nb + col] =
+                  static_cast<scalar_t>(partial(g1 + (k * g.mb + row) * g.nb + col));
+          for (int64_t row = 0; row < g.ma; ++row)  // G_Ac^T[col*r+k, row]
+            for (int64_t col = 0; col < g.na; ++col) {
+              const acc_t u = partial(g2 + (col * g.r + k) * g.ma + row);
+              pa[(k * g.ma + row) * g.na + col] = static_cast<scalar_t>(gate * u);
+              dot += u * static_cast<acc_t>(a(k, row, col));
+            }
+        }
+        dg[g.gate_offset + k] = static_cast<scalar_t>(dot);
+      }
+      gA.push_back(ga);
+      gB.push_back(gb);
     }
-    g_acc.narrow(0, g.gate_offset, g.r).copy_((ungated * factor).sum({1, 2}));
-    gA.push_back(ga.to(x.scalar_type()).contiguous());
-    gB.push_back(gb.to(x.scalar_type()).contiguous());
-  }
-  return {gx.view(x.sizes()), gA, gB, g_acc.to(x.scalar_type())};
+  });
+  return {gx.view(x.sizes()), gA, gB, g_gates};
 }
 
 }  // namespace
