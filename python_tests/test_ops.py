@@ -127,9 +127,10 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_at_most_twice_plain_pytorch(device, dtype):
     # 4096 -> 4096 would be slow on CPU; 576 = 24*24 is SmolLM2's hidden size. The last group
-    # is computed B-first on CPU, the others A-first.
+    # is computed B-first on CPU, the others A-first. 600 tokens make several tiles (and
+    # thread chunks), each widened to float32 on its own.
     groups = [(2, 24, 24, 24, 24), (2, 16, 36, 36, 16), (1, 36, 16, 16, 36)]
-    x64, A64, B64, g64 = make_mix((64,), groups, torch.float64, device=device, requires_grad=True,
+    x64, A64, B64, g64 = make_mix((600,), groups, torch.float64, device=device, requires_grad=True,
                                   generator=torch.Generator().manual_seed(1))
     y64, d64 = grads(reference.kron_mix, x64, A64, B64, g64)
 
