@@ -285,9 +285,10 @@ def trainable_state(model) -> dict:
 
 @contextlib.contextmanager
 def _interrupts_deferred():
-    """Ctrl-C or SIGTERM arriving while a checkpoint is written is raised once it is complete,
-    so an interrupt never leaves a half-written or missing checkpoint (or a stray staging
-    directory) behind."""
+    """Ctrl-C or SIGTERM arriving inside the block is raised once the block is complete. Around
+    a checkpoint write, an interrupt never leaves a half-written or missing checkpoint (or a
+    stray staging directory) behind; around a step's update, never weights that are ahead of
+    the step count."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -538,16 +539,19 @@ def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
                     step_loss += loss.item()
                     step_tokens += int(batch["attention_mask"].sum())
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                step_loss, step_tokens = dist.sum([step_loss, float(step_tokens)])
-                step_loss /= dist.world_size
-                losses.append(step_loss)
-                tokens_seen += int(step_tokens)
-                train_seconds += time.perf_counter() - t0
-                tok_window += step_tokens
-                step += 1
-                rng_at_step = None  # step complete: the next one begins from the current RNG
+                # From the update to the step count an interrupt waits: landing in between, it
+                # would leave weights updated by a step that the checkpoint does not count.
+                with _interrupts_deferred():
+                    optimizer.step()
+                    scheduler.step()
+                    step_loss, step_tokens = dist.sum([step_loss, float(step_tokens)])
+                    step_loss /= dist.world_size
+                    losses.append(step_loss)
+                    tokens_seen += int(step_tokens)
+                    train_seconds += time.perf_counter() - t0
+                    tok_window += step_tokens
+                    step += 1
+                    rng_at_step = None  # step complete: the next one begins from the current RNG
                 now = time.perf_counter()
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                 tok_s=f"{tok_window / max(now - t_window, 1e-9):.0f}", refresh=False)

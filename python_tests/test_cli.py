@@ -1,6 +1,7 @@
 """The ``moka`` command on the tiny model: finetune and eval smoke runs, exact resume after
 Ctrl-C, ``moka info``, and every bad-input error (clear message, exit 2, nothing left behind)."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from _main_job import TINY_RUN, metrics, run_moka, subprocess_env, use_private_cache, REPO
 from moka_ext import cli
@@ -80,6 +82,32 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(tmp_p
     resumed, uninterrupted = metrics(out), metrics(reference)
     assert resumed["loss"]["per_step"] == uninterrupted["loss"]["per_step"]
     assert resumed["accuracy"] == uninterrupted["accuracy"]
+
+
+def test_ctrl_c_during_the_update_is_taken_after_the_step(tmp_path, capsys):
+    # Ctrl-C delivered inside optimizer.step() of step 3: the interrupt must wait until the step
+    # is counted, or the checkpoint would hold weights one update ahead of its step and the
+    # resumed run would drift from the uninterrupted one.
+    steps = ["--max-steps", "6"]
+    out, reference = tmp_path / "b", tmp_path / "uninterrupted"
+    args = ["finetune", *TINY_RUN, *steps, "--save-steps", "1", "--output-dir", str(out)]
+    calls = []
+
+    def interrupt_at_step_3(optimizer, args_, kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, inside the update
+
+    handle = register_optimizer_step_post_hook(interrupt_at_step_3)
+    try:
+        assert cli.main(args) == 130
+    finally:
+        handle.remove()
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert cli.main([*args, "--resume"]) == 0
+    assert cli.main(["finetune", *TINY_RUN, *steps, "--save-steps", "50", "--output-dir", str(reference)]) == 0
+    assert metrics(out)["loss"]["per_step"] == metrics(reference)["loss"]["per_step"]
 
 
 def test_info_reports_versions_and_device():

@@ -184,6 +184,21 @@ at::Tensor widened(const at::Tensor& tile, const at::Tensor& buf) {
   return out;
 }
 
+// G += the sum of the tile's per-token products P (n, ...) over its n tokens,
+// in token order: one pass, no temporary, the same sum on every run. (A GEMV
+// with a ones row was tried: MKL split its long reduction over threads
+// differently from run to run, and a resumed training run drifted from an
+// uninterrupted one.)
+void add_token_sum(at::Tensor& G, const at::Tensor& P) {
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "add_token_sum", [&] {
+    scalar_t* g = G.mutable_data_ptr<scalar_t>();
+    const scalar_t* p = P.const_data_ptr<scalar_t>();
+    const int64_t n = P.size(0), width = G.numel();
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t e = 0; e < width; ++e) g[e] += p[t * width + e];
+  });
+}
+
 // The tile's intermediate into `buf`: A first W (n, ma*r, nb) = As X_t,
 // B first Z (n, na*r, mb) = X_t Bs^T, both as (n, rows, cols).
 at::Tensor first_product(const at::Tensor& buf, const at::Tensor& x_tile, const Stacked& f, const GroupShape& g) {
@@ -327,7 +342,6 @@ kron_mix_backward_cpu(
         x2d, acc,
         {tile * w_width, tile * w_width, tile * w_width, widen ? tile * s.in : 0,
          widen ? tile * s.out : 0, widen ? tile * s.in : 0});
-    const auto ones = at::ones({1, tile}, x2d.options().dtype(acc));  // sums over a tile's tokens
     for (int64_t c = c_begin; c < c_end; ++c) {
       std::vector<at::Tensor> G1, G2;  // this chunk's
       for (size_t j = 0; j < s.groups.size(); ++j) {
@@ -352,7 +366,6 @@ kron_mix_backward_cpu(
         auto gy_tile = widened(gy2d.narrow(0, t0, n), gy_buf);
         auto gx_tile = gx.narrow(0, t0, n);
         auto gx_acc = widen ? gx_buf.narrow(0, 0, n * s.in).view({n, s.in}) : gx_tile;
-        const auto tile_ones = ones.narrow(1, 0, n);
         for (size_t j = 0; j < s.groups.size(); ++j) {
           const auto& g = s.groups[j];
           const auto& f = ops[j];
@@ -370,12 +383,12 @@ kron_mix_backward_cpu(
             // Transposed, X_t dW_t^T: MKL's batched GEMM is faster that way round.
             auto per_token = per_token_buf.narrow(0, 0, n * g.na * rows).view({n, g.na, rows});
             at::bmm_out(per_token, x3, dW3.transpose(1, 2));
-            G1[j].view({1, g.na * rows}).addmm_(tile_ones, per_token.view({n, g.na * rows}));  // sum over t
+            add_token_sum(G1[j], per_token);
           } else {
             auto dY3 = gy_tile.view({n, g.ma, g.mb});
             auto per_token = per_token_buf.narrow(0, 0, n * rows * g.ma).view({n, rows, g.ma});
             at::bmm_out(per_token, mid, dY3.transpose(1, 2));
-            G2[j].view({1, rows * g.ma}).addmm_(tile_ones, per_token.view({n, rows * g.ma}));
+            add_token_sum(G2[j], per_token);
             auto dZ = dw_buf.narrow(0, 0, n * rows * cols).view({n, rows, cols});
             at::bmm_out(dZ, f.second.t().expand({n, rows, g.ma}), dY3);
             auto dZ2 = dZ.view({n * g.na, g.r * g.mb});
