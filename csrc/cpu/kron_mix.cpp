@@ -185,10 +185,7 @@ at::Tensor widened(const at::Tensor& tile, const at::Tensor& buf) {
 }
 
 // G += the sum of the tile's per-token products P (n, ...) over its n tokens,
-// in token order: one pass, no temporary, the same sum on every run. (A GEMV
-// with a ones row was tried: MKL split its long reduction over threads
-// differently from run to run, and a resumed training run drifted from an
-// uninterrupted one.)
+// in token order: one pass, no temporary.
 void add_token_sum(at::Tensor& G, const at::Tensor& P) {
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "add_token_sum", [&] {
     scalar_t* g = G.mutable_data_ptr<scalar_t>();
