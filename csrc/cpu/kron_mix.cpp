@@ -92,14 +92,22 @@ int64_t stacked_numel(const GroupShape& g) {
   return g.r * (g.ma * g.na + g.mb * g.nb);
 }
 
-// Element (k, row, col) of a 3-D factor of any strides.
+// A 3-D factor (r, rows, cols) of any strides, read element by element.
 template <typename T>
 struct Factor {
   const T* p;
-  int64_t s0, s1, s2;
+  int64_t r, rows, cols, s0, s1, s2;
   explicit Factor(const at::Tensor& t)
-      : p(t.const_data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
+      : p(t.const_data_ptr<T>()), r(t.size(0)), rows(t.size(1)), cols(t.size(2)),
+        s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
   T operator()(int64_t k, int64_t row, int64_t col) const { return p[k * s0 + row * s1 + col * s2]; }
+  // f(k, row, col, element) for every element.
+  template <typename F>
+  void each(F&& f) const {
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t row = 0; row < rows; ++row)
+        for (int64_t col = 0; col < cols; ++col) f(k, row, col, (*this)(k, row, col));
+  }
 };
 
 // Every group's stacked factors, written element by element into one buffer:
@@ -130,23 +138,19 @@ std::vector<Stacked> stack_factors(
       acc_t* first = p + offset;
       acc_t* second = first + n_first;
       if (af) {
-        for (int64_t row = 0; row < g.ma; ++row)  // As row row*r+k = A_k[row]
-          for (int64_t k = 0; k < g.r; ++k)
-            for (int64_t col = 0; col < g.na; ++col)
-              first[(row * g.r + k) * g.na + col] = static_cast<acc_t>(a(k, row, col));
-        for (int64_t k = 0; k < g.r; ++k)  // Bc row k*nb+col = g_k B_k[:, col]
-          for (int64_t row = 0; row < g.mb; ++row)
-            for (int64_t col = 0; col < g.nb; ++col)
-              second[(k * g.nb + col) * g.mb + row] = gate(k) * static_cast<acc_t>(b(k, row, col));
+        a.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // As row row*r+k = A_k[row]
+          first[(row * g.r + k) * g.na + col] = static_cast<acc_t>(v);
+        });
+        b.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // Bc row k*nb+col = g_k B_k[:, col]
+          second[(k * g.nb + col) * g.mb + row] = gate(k) * static_cast<acc_t>(v);
+        });
       } else {
-        for (int64_t k = 0; k < g.r; ++k)  // Bs row k*mb+row = B_k[row]
-          for (int64_t row = 0; row < g.mb; ++row)
-            for (int64_t col = 0; col < g.nb; ++col)
-              first[(k * g.mb + row) * g.nb + col] = static_cast<acc_t>(b(k, row, col));
-        for (int64_t k = 0; k < g.r; ++k)  // Ac column col*r+k = g_k A_k[:, col]
-          for (int64_t row = 0; row < g.ma; ++row)
-            for (int64_t col = 0; col < g.na; ++col)
-              second[(row * g.na + col) * g.r + k] = gate(k) * static_cast<acc_t>(a(k, row, col));
+        b.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // Bs row k*mb+row = B_k[row]
+          first[(k * g.mb + row) * g.nb + col] = static_cast<acc_t>(v);
+        });
+        a.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // Ac column col*r+k = g_k A_k[:, col]
+          second[(row * g.na + col) * g.r + k] = gate(k) * static_cast<acc_t>(v);
+        });
       }
       auto first_t = buf.narrow(0, offset, n_first);
       auto second_t = buf.narrow(0, offset + n_first, size_a + size_b - n_first);
@@ -424,7 +428,7 @@ kron_mix_backward_cpu(
       const int64_t g1 = offsets[j], g2 = offsets[j] + ops[j].first.numel();
       for (int64_t k = 0; k < g.r; ++k) {
         const auto gate = static_cast<acc_t>(gp[(g.gate_offset + k) * gates.stride(0)]);
-        acc_t dot = 0;
+        acc_t dot = 0;  // a local, not an array: the output stores could alias it
         if (ops[j].a_first) {
           for (int64_t row = 0; row < g.ma; ++row)  // G_As^T[col, row*r+k]
             for (int64_t col = 0; col < g.na; ++col)
