@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -78,6 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, compiled kernels, device")
     return p
+
+
+# bitsandbytes logs this warning when it is imported on a CPU with AVX512-BF16: it suggests
+# the optional package `kernels`, which downloads code from a model hub at run time and which
+# moka does not use. Only this one message is dropped; bitsandbytes' other warnings still show.
+OPTIONAL_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class _DropOptionalKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(OPTIONAL_KERNEL_NOTICE)
+
+
+def _drop_optional_kernel_notice() -> None:
+    """Install the filter on bitsandbytes' CPU-backend logger (before bitsandbytes is imported)."""
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    if not any(isinstance(f, _DropOptionalKernelNotice) for f in logger.filters):
+        logger.addFilter(_DropOptionalKernelNotice())
 
 
 def _quiet_libraries() -> None:
@@ -163,6 +183,7 @@ def cmd_info(args) -> int:
 
 
 def main(argv=None) -> int:
+    _drop_optional_kernel_notice()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "info":

@@ -25,7 +25,14 @@ try:  # bitsandbytes is optional: plain nn.Linear bases need none of it.
 except ImportError:  # pragma: no cover
     _bnb = None
 
-__all__ = ["MoKALinear", "base_kind", "dense_weight", "group_shapes", "adapter_tensor_shapes"]
+__all__ = [
+    "MoKALinear",
+    "base_kind",
+    "dense_weight",
+    "group_shapes",
+    "adapter_tensor_shapes",
+    "disable_cpu_inference_repack",
+]
 
 
 def base_kind(layer: nn.Module) -> str:
@@ -44,12 +51,13 @@ def base_kind(layer: nn.Module) -> str:
 
 
 def _undo_cpu_inference_packing(layer: nn.Module) -> None:
-    """Turn off (and undo) bitsandbytes' AVX512-BF16 CPU inference layout on a Linear4bit.
+    """Turn off (and undo) bitsandbytes' AVX512-BF16 CPU inference layout on one Linear4bit.
 
-    On such CPUs an eval-mode, no-grad forward repacks the weight in place into
-    a layout whose matmul has no autograd, and every later forward uses it, so
-    adapters above it silently stop getting correct gradients (ENV.md). We give
-    up that inference speed-up for correct training.
+    On such CPUs an eval-mode forward with no input gradient repacks the weight
+    in place into a bf16 layout whose matmul has no autograd, and every later
+    forward uses it, so adapters above it silently stop getting correct
+    gradients (ENV.md). We give up that inference speed-up for correct training
+    and for one set of numerics in training and evaluation.
     """
     layer.support_avx512bf16_for_cpu = False
     w = layer.weight
@@ -58,8 +66,33 @@ def _undo_cpu_inference_packing(layer: nn.Module) -> None:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+        restored = w.quant_state
+        if restored.absmax.dim() == 2:
+            # bitsandbytes 0.50's inverse restores the block absmax only for nested (double-
+            # quantized) states; otherwise it stays in the packed layout, (in/blocksize, out)
+            # in bf16, and dequantization would read the scales of layers wider than one block
+            # in the wrong order. Back to one scale per block in row-major block order.
+            restored.absmax = restored.absmax.t().reshape(-1).to(restored.dtype).contiguous()
         if getattr(layer, "quant_state", None) is not None:
             layer.quant_state = w.quant_state
+
+
+def disable_cpu_inference_repack(model: nn.Module) -> int:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` in its trainable layout; returns how many.
+
+    Switches off the CPU inference repacking (``support_avx512bf16_for_cpu``) and
+    undoes any repacking that already happened, on wrapped and unwrapped layers
+    alike: a repacked layer anywhere above an adapter would cut its input
+    gradients. ``apply_moka`` and the PEFT tuner call it on the whole model.
+    """
+    n = 0
+    if _bnb is None:
+        return n
+    for module in model.modules():
+        if isinstance(module, _bnb.nn.Linear4bit):
+            _undo_cpu_inference_packing(module)
+            n += 1
+    return n
 
 
 def dense_weight(layer: nn.Module) -> Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import MoKAConfig, ModuleSettings
 from .shapes import choose_shapes, shape_cost, validate_shape
-from .layers import MoKALinear, adapter_tensor_shapes, base_kind
+from .layers import MoKALinear, adapter_tensor_shapes, base_kind, disable_cpu_inference_repack
 
 __all__ = [
     "apply_moka",
@@ -157,8 +157,21 @@ def apply_moka(model: nn.Module, config: MoKAConfig) -> nn.Module:
     """Wrap every targeted linear layer of ``model`` in a MoKALinear, in place; freeze the rest.
 
     Returns ``model``. Only the adapter parameters are trainable afterwards.
+
+    bitsandbytes 4-bit layers on CPU: on CPUs with AVX512-BF16, bitsandbytes
+    repacks a ``Linear4bit`` into a bf16 inference layout at its first eval-mode
+    forward without gradients, and that layout has no autograd. ``apply_moka``
+    switches the repacking off on every ``Linear4bit`` of the model, targeted or
+    not, and undoes it where it already happened
+    (:func:`moka_ext.layers.disable_cpu_inference_repack`). The model then
+    computes through bitsandbytes' differentiable path in training and in
+    evaluation alike: at init its outputs equal the base model's computed with
+    repacking off, bit for bit. Against outputs computed through the repacked
+    layout they differ by the bf16 rounding of that layout (README, "Use it in
+    your model").
     """
     plans = plan_moka(model, config)
+    disable_cpu_inference_repack(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, plan in plans.items():

@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
 
 from .config import LLAMA_TARGET_MODULES, MoKAConfig
-from .layers import MoKALinear
+from .layers import MoKALinear, disable_cpu_inference_repack
 
 __all__ = ["register", "MoKAModel", "PeftMoKALinear", "PEFT_TYPE_NAME"]
 
@@ -102,6 +102,10 @@ class MoKAModel(BaseTuner):
     prefix: str = "moka_"
     tuner_layer_cls = PeftMoKALinear
     target_module_mapping = {"llama": list(LLAMA_TARGET_MODULES)}
+
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        # The same rule as apply_moka: no bitsandbytes CPU inference repacking anywhere in the model.
+        disable_cpu_inference_repack(model)
 
     def _check_new_adapter_config(self, config) -> None:
         if len(self.peft_config) > 1:

@@ -201,3 +201,65 @@ def test_qlora_baselines_learn_in_every_layer_after_a_no_grad_evaluation(tmp_pat
                      "--task", "arc_easy", "--limit", "6", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["acc"] == metrics(out)["accuracy"]["after"]["acc"]
+
+
+def test_finetune_scores_before_training_as_moka_eval_scores_the_base(tmp_path, capsys, monkeypatch):
+    """Before- and after-accuracies go through the same 4-bit numerics as ``moka eval``, on every
+    CPU: Linear4bit layers are made to default to bitsandbytes' CPU inference repacking (as on
+    AVX512-BF16 CPUs), and the base model's per-choice log-likelihoods must come out the same
+    from ``moka finetune``'s evaluation before training and from ``moka eval``."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from moka_ext import evaluate
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    calls = []
+    real = evaluate.loglikelihoods
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(list(out))
+        return out
+
+    monkeypatch.setattr(evaluate, "loglikelihoods", recording)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", *TINY_RUN, "--quant", "nf4", "--max-steps", "2", "--output-dir", str(out)]) == 0
+    before_lls = calls[0]
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", "tiny", "--quant", "nf4", "--task", "arc_easy", "--limit", "6", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert calls[-1] == before_lls
+    before = metrics(out)["accuracy"]["before"]
+    assert (res["acc"], res["acc_norm"], res["n"]) == (before["acc"], before["acc_norm"], before["n"]) == (
+        res["acc"], res["acc_norm"], 6)
+
+
+def test_bitsandbytes_optional_kernel_notice_is_dropped_and_its_other_warnings_kept():
+    """bitsandbytes logs a notice about the optional `kernels` package at import on AVX512-BF16
+    CPUs; the command drops exactly that record from bitsandbytes' CPU-backend logger."""
+    import logging
+
+    cli._drop_optional_kernel_notice()
+    cli._drop_optional_kernel_notice()  # idempotent: one filter
+    logger = logging.getLogger(cli.BNB_CPU_LOGGER)
+    assert sum(isinstance(f, cli._DropOptionalKernelNotice) for f in logger.filters) == 1
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        logger.warning("%s: No module named 'kernels'. Please make sure...", cli.OPTIONAL_KERNEL_NOTICE)
+        logger.warning("some other bitsandbytes warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["some other bitsandbytes warning"]
+
+
+def test_moka_command_output_has_no_optional_kernel_notice():
+    proc = run_moka("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "kernels-community" not in proc.stdout + proc.stderr

@@ -8,11 +8,14 @@ from moka_ext import MoKALinear, reference
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from bnb_cpu import is_repacked, needs_avx512bf16, repack_for_cpu_inference  # noqa: E402
 
-def _nf4(lin: torch.nn.Linear) -> "bnb.nn.Linear4bit":
+
+def _nf4(lin: torch.nn.Linear, cpu_repack: bool = False, nested: bool = True) -> "bnb.nn.Linear4bit":
     q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                          quant_type="nf4", compute_dtype=torch.float32)
+                          quant_type="nf4", compute_dtype=torch.float32, compress_statistics=nested)
     q.load_state_dict(lin.state_dict())
+    q.support_avx512bf16_for_cpu = cpu_repack  # explicit: its default follows the CPU (bnb_cpu)
     return q.to("cpu")  # bitsandbytes quantizes on .to()
 
 
@@ -193,22 +196,32 @@ def test_unsupported_base_is_rejected_by_type():
         MoKALinear(torch.nn.Conv1d(4, 4, 1))
 
 
+@needs_avx512bf16
+def test_bnb_repacks_a_4bit_layer_at_an_eval_no_grad_forward_and_computes_in_bf16():
+    """The control for the tests below: with the flag on, bitsandbytes' eval no-grad forward
+    repacks the layer, and the repacked matmul differs from the trainable path by bf16 rounding."""
+    torch.manual_seed(6)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    plain = _nf4(lin)
+    with torch.no_grad():
+        want = plain.eval()(x)
+    packed = _nf4(lin, cpu_repack=True).eval()
+    with torch.no_grad():
+        got = packed(x)
+    assert is_repacked(packed) and not is_repacked(plain)
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
+
+
 def test_eval_no_grad_pass_does_not_break_4bit_gradients():
     """ENV.md pitfall: bnb repacks a Linear4bit for CPU inference in an eval no-grad forward when
-    ``support_avx512bf16_for_cpu`` is set (as on AVX512-BF16 machines); the layer must stay trainable."""
+    ``support_avx512bf16_for_cpu`` is set (its default on AVX512-BF16 CPUs); forced on here, on any
+    CPU. The wrapped layer must never repack and must stay trainable."""
     torch.manual_seed(7)
-    lin = torch.nn.Linear(64, 32)
-    # Control: on a bare layer with the flag forced on, the pitfall is real here.
-    bare = _nf4(lin)
-    bare.support_avx512bf16_for_cpu = True
-    bare.eval()
-    with torch.no_grad():
-        bare(torch.randn(2, 64))
-    assert getattr(bare.weight.quant_state, "packing_format_for_cpu", False)
-
-    q = _nf4(lin)
-    q.support_avx512bf16_for_cpu = True
+    q = _nf4(torch.nn.Linear(64, 32), cpu_repack=True)
     m = MoKALinear(q, r=2, init="random")
+    assert q.support_avx512bf16_for_cpu is False
     x = torch.randn(3, 64)
 
     def grads():
@@ -227,29 +240,30 @@ def test_eval_no_grad_pass_does_not_break_4bit_gradients():
     after = grads()
     for b, a in zip(before, after):
         assert torch.equal(b, a)
-    assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
+    assert not is_repacked(q)
 
 
-def test_wrapping_an_already_repacked_4bit_layer_restores_it():
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain-absmax"])
+def test_wrapping_an_already_repacked_4bit_layer_restores_it(nested):
+    """Layers wider than one 64-weight block, with and without double quantization of the
+    scales (transformers' NF4 default has none): bitsandbytes' own inverse of the repacking
+    leaves plain scales in the packed order; the wrapped layer must compute with the right ones."""
     torch.manual_seed(8)
-    lin = torch.nn.Linear(64, 32)
-    q = _nf4(lin)
-    x = torch.randn(2, 64)
-    ref = q(x)
-    q.support_avx512bf16_for_cpu = True
-    q.eval()
-    with torch.no_grad():
-        q(x)
-    assert q.weight.quant_state.packing_format_for_cpu
+    lin = torch.nn.Linear(192, 32)
+    q = _nf4(lin, cpu_repack=True, nested=nested)
+    x = torch.randn(2, 192)
+    ref = _nf4(lin, nested=nested)(x)
+    repack_for_cpu_inference(q)
+    assert is_repacked(q)
     m = MoKALinear(q, r=1)
-    assert not q.weight.quant_state.packing_format_for_cpu
+    assert not is_repacked(q) and q.support_avx512bf16_for_cpu is False
     # bitsandbytes' repacking stores the block absmax in bfloat16, so its own inverse is
     # only bf16-exact; after that the layer is an ordinary, differentiable NF4 layer again.
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
     xg = x.clone().requires_grad_()
     m.train()
     m(xg).sum().backward()
-    torch.testing.assert_close(xg.grad, _nf4_dense(q).sum(0).expand(2, 64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xg.grad, _nf4_dense(q).sum(0).expand(2, 192), rtol=1e-5, atol=1e-5)
 
 
 def test_equivalent_to_peft_lokr_with_r1_no_gating_full_factors():

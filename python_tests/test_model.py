@@ -10,6 +10,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import moka_ext  # noqa: E402
 from moka_ext import MoKAConfig, MoKALinear, apply_moka, merge_and_unload, moka_summary, trainable_parameters  # noqa: E402
+from bnb_cpu import is_repacked, needs_avx512bf16, repack_for_cpu_inference  # noqa: E402
 from tiny_llama import N_TARGETS, batch, tiny_llama  # noqa: E402
 
 
@@ -48,6 +49,63 @@ def test_nf4_model_wraps_every_projection_and_freezes_the_base():
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_apply_moka_computes_the_base_through_the_non_repacked_4bit_path_on_every_layer():
+    """The rule of apply_moka's docstring and the README: with repacking on (the default on
+    AVX512-BF16 CPUs, forced here on any CPU), and an adapter on q_proj only, the model at init
+    computes exactly what the base computes with repacking off, in eval no-grad forwards: no
+    4-bit layer, wrapped or not, is left free to repack."""
+    ids = batch(seed=2)["input_ids"]
+    want = _logits(tiny_llama("nf4", cpu_repack=False), ids)
+    model = apply_moka(tiny_llama("nf4", cpu_repack=True), MoKAConfig(r=2, target_modules=["q_proj"]))
+    got = _logits(model, ids)
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == N_TARGETS
+    assert not any(m.support_avx512bf16_for_cpu or is_repacked(m) for m in four_bit)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_apply_moka_undoes_repacking_that_already_happened():
+    """A model that was evaluated before apply_moka on an AVX512-BF16 CPU is already repacked
+    (done here by bitsandbytes' own conversion, on any CPU): apply_moka restores every layer to
+    the trainable layout. The repacked layout keeps each block's absmax in bf16, so the restored
+    weights equal the originals up to that rounding (relative 2**-8), checked against
+    bitsandbytes' dequantization of the never-repacked model."""
+    def dense(model):
+        return {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    want = dense(tiny_llama("nf4"))
+    model = tiny_llama("nf4", cpu_repack=True)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        repack_for_cpu_inference(m)
+    apply_moka(model, MoKAConfig(r=1, target_modules=["v_proj"]))
+    assert not any(is_repacked(m) or m.support_avx512bf16_for_cpu for m in layers)
+    got = {n.replace(".base_layer", ""): w for n, w in dense(model).items()}
+    assert got.keys() == want.keys() and len(got) == N_TARGETS
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=2.0**-8, atol=0, msg=n)
+
+
+@needs_avx512bf16
+def test_repacked_cpu_layout_changes_logits_by_bf16_rounding_only():
+    """What apply_moka's rule changes on an AVX512-BF16 CPU: the base model evaluated through the
+    repacked layout against the same model through the trainable path (README's stated size)."""
+    ids = batch(seed=4)["input_ids"]
+    plain = _logits(tiny_llama("nf4", cpu_repack=False), ids)
+    packed_model = tiny_llama("nf4", cpu_repack=True)
+    packed = _logits(packed_model, ids)
+    assert all(is_repacked(m) for m in packed_model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert not torch.equal(packed, plain)
+    torch.testing.assert_close(packed, plain, rtol=0, atol=0.05 * plain.abs().max().item())
 
 
 def test_summary_lists_every_module_with_its_shapes():
@@ -105,10 +163,7 @@ def test_loss_falls_when_training_an_nf4_model():
 def test_generate_then_train_gradients_unchanged_on_nf4():
     """Gradients through wrapped 4-bit layers are identical before and after generate()
     (and an eval no-grad pass), with bnb's AVX512-BF16 CPU repacking enabled as on such CPUs."""
-    model = tiny_llama("nf4")
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = True
+    model = tiny_llama("nf4", cpu_repack=True)
     apply_moka(model, MoKAConfig(r=2))
     _randomize(model)
     data = batch(seed=5)
