@@ -32,7 +32,7 @@ def main() -> int:
 
     import bitsandbytes as bnb
 
-    from moka_ext import data, evaluate, models
+    from moka_ext.finetune import data, evaluate, models
 
     if not bnb.functional.has_avx512bf16():
         print("cpu_repack_gap: this CPU has no AVX512-BF16; bitsandbytes does not repack here", file=sys.stderr)

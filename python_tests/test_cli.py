@@ -12,7 +12,7 @@ import pytest
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from _main_job import TINY_RUN, metrics, run_moka, subprocess_env, use_private_cache, REPO
-from moka_ext import cli
+from moka_ext.finetune import cli
 
 STEPS = ["--max-steps", "6"]
 
@@ -156,7 +156,7 @@ def test_unwritable_output_dir(tmp_path, capsys):
 def test_layer_shape_that_does_not_factor(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moka_ext.models import _tiny_tokenizer
+    from moka_ext.finetune.models import _tiny_tokenizer
 
     model_dir = tmp_path / "prime-llama"
     tok = _tiny_tokenizer()
@@ -210,7 +210,7 @@ def test_finetune_scores_before_training_as_moka_eval_scores_the_base(tmp_path, 
     from ``moka finetune``'s evaluation before training and from ``moka eval``."""
     import bitsandbytes.nn.modules as bnb_modules
 
-    from moka_ext import evaluate
+    from moka_ext.finetune import evaluate
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     calls = []

@@ -269,7 +269,7 @@ def test_bf16_compute_nf4_model_and_autocast_train_with_float32_adapters():
 
 
 def test_dequantize_4bit_layers_computes_what_the_nf4_model_computes():
-    from moka_ext.models import dequantize_4bit_layers
+    from moka_ext.finetune.models import dequantize_4bit_layers
 
     ids = batch(seed=7)["input_ids"]
     nf4 = tiny_llama("nf4")
@@ -291,8 +291,8 @@ def test_dequantize_4bit_layers_computes_what_the_nf4_model_computes():
 def test_adapter_trained_on_nf4_scores_the_same_merged_on_the_dequantized_base(tmp_path, method):
     """The quality benchmark's scoring path: an adapter saved from the NF4 model, loaded onto the
     dequantized base and merged, computes what the NF4 model with the adapter computes."""
-    from moka_ext import baselines
-    from moka_ext.models import dequantize_4bit_layers
+    from moka_ext.finetune import baselines
+    from moka_ext.finetune.models import dequantize_4bit_layers
 
     ids = batch(seed=8)["input_ids"]
     torch.manual_seed(0)
@@ -315,7 +315,7 @@ def test_adapter_trained_on_nf4_scores_the_same_merged_on_the_dequantized_base(t
 
 
 def test_gating_off_fixes_equal_mixture_weights_and_is_moka_only():
-    from moka_ext import baselines
+    from moka_ext.finetune import baselines
 
     model = baselines.apply_method(tiny_llama(), "moka", r=4, quant="none", gating=False)
     layers = _moka(model)

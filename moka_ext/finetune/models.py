@@ -184,7 +184,7 @@ def dequantize_4bit_layers(model: torch.nn.Module) -> int:
     The model computes the same function (bitsandbytes' CPU matmul dequantizes to that weight
     and calls ``linear``), as plain dense layers: an adapter trained on the 4-bit model can be
     loaded onto it and merged exactly, and scoring runs at dense speed. Returns the count."""
-    from .layers import base_kind, dense_weight, plain_linear
+    from ..layers import base_kind, dense_weight, plain_linear
 
     replaced = 0
     for parent in list(model.modules()):
@@ -210,7 +210,7 @@ def load_model(name: str, quant: str = "nf4", device: torch.device | str = "cpu"
     """(model, tokenizer), the model frozen-ready on ``device``; ``quant`` as in QUANT_MODES."""
     from transformers import AutoModelForCausalLM
 
-    from .layers import disable_cpu_inference_repack
+    from ..layers import disable_cpu_inference_repack
 
     device = torch.device(device)
     path = model_dir(name)
