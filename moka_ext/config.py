@@ -297,7 +297,10 @@ def _extend_enum(enum_cls, name: str, value: str):
 
 
 def peft_type():
-    """``peft.PeftType.MOKA`` (added on first call); needs PEFT."""
+    """``peft.PeftType.MOKA`` (added on first call); needs PEFT. ``PeftType("MOKA")``, the
+    value configs saved before the message was added carry, finds it too."""
     from peft.utils import PeftType
 
-    return _extend_enum(PeftType, PEFT_TYPE_NAME, PEFT_TYPE_VALUE)
+    member = _extend_enum(PeftType, PEFT_TYPE_NAME, PEFT_TYPE_VALUE)
+    PeftType._value2member_map_.setdefault(PEFT_TYPE_NAME, member)
+    return member

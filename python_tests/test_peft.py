@@ -25,8 +25,8 @@ def test_peft_type_is_extended_without_disturbing_the_enum():
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from moka_ext.peft_method import MoKAModel, register
 
-    assert PeftType.MOKA is PeftType("MOKA") is PeftType["MOKA"]
-    assert PeftType.MOKA == "MOKA" and PeftType.MOKA in list(PeftType)
+    assert PeftType.MOKA is PeftType("MOKA (import moka_ext first)") is PeftType["MOKA"] is PeftType("MOKA")
+    assert PeftType.MOKA == "MOKA (import moka_ext first)" and PeftType.MOKA in list(PeftType)
     assert PeftType.LORA is PeftType("LORA") and len(set(PeftType)) == len(list(PeftType))
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.MOKA] is MoKAConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.MOKA] is MoKAModel
