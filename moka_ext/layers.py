@@ -331,8 +331,11 @@ class MoKALinear(nn.Module):
         return out
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter (it must not be merged); a deleted active adapter leaves the active set."""
-        self._check_adapter(adapter_name, "delete_adapter")
+        """Remove an adapter (it must not be merged); a deleted active adapter leaves the active set.
+        A name this layer does not have is ignored, as in PEFT's layers (model-level callers check
+        names against the whole model)."""
+        if adapter_name not in self.r:
+            return
         if adapter_name in self.merged_adapters:
             raise ValueError(f"MoKALinear.delete_adapter: {adapter_name!r} is merged; unmerge() first")
         for attr in self.adapter_layer_names + self.other_param_names:
@@ -533,6 +536,16 @@ class MoKALinear(nn.Module):
         return names
 
     @torch.no_grad()
+    def _merged_dense(self, names: Sequence[str]) -> Tensor:
+        """The base weight plus the updates of ``names``, in float32 (float64 for a float64 base)."""
+        W = dense_weight(self.base_layer)
+        if self.base_kind == "linear" and self.base_layer.weight.dtype == torch.float64:
+            W = self.base_layer.weight.detach().clone()
+        for a in names:
+            W = W + self.delta_weight(a).detach().to(W.dtype)
+        return W
+
+    @torch.no_grad()
     def _write_merged(self, names: list[str], safe_merge: bool = False) -> None:
         """Set the base weight to the original weight plus the updates of ``names`` (the original
         is kept, so every merge and unmerge starts from it, never from a rounded merge)."""
@@ -541,9 +554,7 @@ class MoKALinear(nn.Module):
             self._restore_base()
         if not names:
             return
-        W = dense_weight(base)
-        for a in names:
-            W = W + self.delta_weight(a).float()
+        W = self._merged_dense(names)
         if safe_merge and not torch.isfinite(W).all():
             raise ValueError(f"MoKALinear.merge: the merged weight with {names} has non-finite values; not merging")
         if self.base_kind == "linear":
@@ -573,7 +584,7 @@ class MoKALinear(nn.Module):
         names = self._merge_names(adapter_names, "merge")
         new = [a for a in names if a not in self.merged_adapters]
         if not new:
-            warnings.warn("MoKALinear.merge: the adapters are already merged; nothing to do")
+            warnings.warn("MoKALinear.merge: All adapters are already merged, nothing to do.")
             return
         self._write_merged(self.merged_adapters + new, safe_merge)
         self.merged_adapters = self.merged_adapters + new
@@ -600,9 +611,7 @@ class MoKALinear(nn.Module):
         """
         base = self.base_layer
         names = [a for a in self._merge_names(adapter_names, "merged_base") if a not in self.merged_adapters]
-        W = dense_weight(base)
-        for a in names:
-            W = W + self.delta_weight(a).detach().float()
+        W = self._merged_dense(names)
         if self.base_kind == "linear" or full_precision:
             if dtype is None:
                 dtype = base.weight.dtype if self.base_kind == "linear" else (

@@ -40,7 +40,13 @@ class PeftMoKALinear(MoKALinear, BaseTunerLayer):
 
 class MoKAModel(BaseTuner):
     """The PEFT tuner for MoKA: replaces targeted linear layers by PeftMoKALinear and adds
-    further adapters to the layers it created."""
+    further adapters to the layers it created.
+
+    Adapter parameters live in PEFT's containers (ModuleDict/ParameterDict keyed by adapter
+    name), so PEFT's structural defaults hold for them as they do for LoRA: which parameters
+    are adapter parameters (``_mark_only_adapters_as_trainable``, state dicts) and the dtype
+    policy (``_cast_adapter_dtype``: ``autocast_adapter_dtype=True`` upcasts float16/bfloat16
+    adapters to float32, ``False`` keeps the base layer's dtype)."""
 
     prefix: str = "moka_"
     tuner_layer_cls = PeftMoKALinear
@@ -65,15 +71,6 @@ class MoKAModel(BaseTuner):
         # the base layer is wrapped as it is: nothing to move. (PEFT's default moves
         # the whole new module for bitsandbytes 8-bit bases, which fails on meta.)
         setattr(parent, child_name, new_module)
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for m in model.modules():
-            if isinstance(m, MoKALinear):
-                for name in m.r:
-                    for p in m._adapter_params(name):
-                        p.requires_grad_(name in self.active_adapters and not m.disable_adapters)
 
     def _check_adapter_names(self, adapter_names, what: str) -> Optional[list[str]]:
         if adapter_names is None:
@@ -118,27 +115,15 @@ class MoKAModel(BaseTuner):
         return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Delete an adapter from the model and every layer; the active set loses it."""
+        """Delete an adapter from the model and every layer (a merged one is refused); the
+        active set loses it."""
         self._check_adapter_names([adapter_name], "delete_adapter")
-        merged = [n for n, m in self.model.named_modules() if isinstance(m, MoKALinear) and adapter_name in m.merged_adapters]
-        if merged:
-            raise ValueError(f"MoKA delete_adapter: {adapter_name!r} is merged in {merged[:3]}; unmerge first")
-        del self.peft_config[adapter_name]
-        for m in self._layers():
-            if adapter_name in m.r:
-                m.delete_adapter(adapter_name)
-        active = [a for a in self.active_adapters if a != adapter_name]
-        if not active and self.peft_config:
-            active = sorted(self.peft_config)[:1]
-        self.set_adapter(active if active else [])
+        super().delete_adapter(adapter_name)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         """Make one adapter or several (whose updates add) active; trainable unless ``inference_mode``."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        self._check_adapter_names(names, "set_adapter")
-        for m in self._layers():
-            m.set_adapter(names, inference_mode=inference_mode)
-        self.active_adapter = names if len(names) != 1 else names[0]
+        self._check_adapter_names(adapter_name, "set_adapter")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
