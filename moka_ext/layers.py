@@ -452,7 +452,10 @@ class MoKALinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             if self.merged:
-                raise ValueError("MoKALinear: a mixed batch (adapter_names=...) needs the adapters unmerged; unmerge() first")
+                raise ValueError(
+                    "MoKALinear: Cannot pass `adapter_names` when there are merged adapters, please call "
+                    "`unmerge_adapter` first."
+                )
             rows = adapter_names if isinstance(adapter_names, RowAdapters) else RowAdapters.from_names(adapter_names)
             return self._mixed_forward(x, rows, *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
@@ -487,8 +490,8 @@ class MoKALinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if x.dim() < 2 or x.shape[0] != len(rows):
             raise ValueError(
-                f"MoKALinear: adapter_names has {len(rows)} entries but the input has batch size "
-                f"{x.shape[0] if x.dim() >= 2 else 'none'} (shape {tuple(x.shape)}); give one name per row"
+                f"MoKALinear: Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(rows)} names for an input of shape {tuple(x.shape)} (one name per row of the batch)"
             )
         present = [(k, a) for k, a in enumerate(rows.names) if a in self.r]
         if not present:

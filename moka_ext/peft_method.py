@@ -133,6 +133,8 @@ class MoKAModel(BaseTuner):
         if adapter_names is None:
             yield
             return
+        if self.training:  # PEFT's rule for mixed batches (moka_ext.mixed_batch allows training)
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         known = set().union(*(m.r.keys() for m in self._layers()))
         unknown = sorted({a for a in adapter_names if a != BASE_ROW} - known)
         if unknown:

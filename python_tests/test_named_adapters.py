@@ -186,7 +186,7 @@ def test_mixed_batch_matches_a_per_row_loop(names, indexed, monkeypatch):
 
 def test_mixed_batch_bad_names():
     _, m = three_adapter_layer()
-    with pytest.raises(ValueError, match="adapter_names has 2 entries but the input has batch size 3"):
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but got 2 names"):
         m(torch.randn(3, 48, dtype=F64), adapter_names=["a", "b"])
     with pytest.raises(TypeError, match="adapter_names must be a list of str"):
         m(torch.randn(3, 48, dtype=F64), adapter_names="a")
