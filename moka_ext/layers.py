@@ -186,21 +186,8 @@ class MoKALinear(nn.Module):
     adapter_layer_names = ("moka_A", "moka_B", "moka_gate_logits")
     other_param_names = ("r", "shapes", "groups", "variant", "gating", "temperature", "scale", "init", "moka_dropout")
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        r: int = 4,
-        shapes="auto",
-        variant: str = "moka",
-        gating: bool = True,
-        temperature: float = 1.0,
-        scale: float = 1.0,
-        dropout: float = 0.0,
-        init: str = "zero_b",
-        budget: Optional[int] = None,
-        dtype: torch.dtype = torch.float32,
-        adapter_name: str = "default",
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", **settings) -> None:
+        """Wrap ``base_layer`` and add its first adapter: ``settings`` as in ``update_layer``."""
         super().__init__()
         self.base_kind = base_kind(base_layer)
         self.in_features = base_layer.in_features
@@ -224,10 +211,7 @@ class MoKALinear(nn.Module):
         self._unmerged_base = None
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
-        self.update_layer(
-            adapter_name, r=r, shapes=shapes, variant=variant, gating=gating, temperature=temperature,
-            scale=scale, dropout=dropout, init=init, budget=budget, dtype=dtype,
-        )
+        self.update_layer(adapter_name, **settings)
 
     # ------------------------------------------------------------ adapters
 

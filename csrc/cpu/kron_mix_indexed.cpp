@@ -46,6 +46,15 @@ RowsByAdapter rows_by_adapter(const char* op, const at::Tensor& row_adapter, int
   return out;
 }
 
+// f(a, rows of adapter a) for every adapter that has rows.
+template <typename F>
+void each_adapter(const RowsByAdapter& by, F&& f) {
+  for (size_t a = 0; a + 1 < by.offsets.size(); ++a) {
+    const int64_t begin = by.offsets[a], end = by.offsets[a + 1];
+    if (begin != end) f(static_cast<int64_t>(a), by.rows.slice(0, begin, end));
+  }
+}
+
 std::vector<at::Tensor> slice(at::TensorList list, int64_t a) {
   std::vector<at::Tensor> out;
   out.reserve(list.size());
@@ -91,13 +100,9 @@ at::Tensor kron_mix_indexed_cpu(
   const auto s = check_kron_mix_indexed_args("kron_mix_indexed", x, row_adapter, A, B, gates, &n_adapters);
   const auto by = rows_by_adapter("kron_mix_indexed", row_adapter, n_adapters);
   auto y = at::zeros(out_sizes(x, s.out), x.options());
-  for (int64_t a = 0; a < n_adapters; ++a) {
-    const int64_t begin = by.offsets[a], end = by.offsets[a + 1];
-    if (begin == end) continue;
-    const auto rows = by.rows.slice(0, begin, end);
-    const auto ya = kron_mix_op().call(x.index_select(0, rows), slice(A, a), slice(B, a), gates.select(0, a));
-    y.index_copy_(0, rows, ya);
-  }
+  each_adapter(by, [&](int64_t a, const at::Tensor& rows) {
+    y.index_copy_(0, rows, kron_mix_op().call(x.index_select(0, rows), slice(A, a), slice(B, a), gates.select(0, a)));
+  });
   return y;
 }
 
@@ -119,10 +124,7 @@ BackwardResult kron_mix_indexed_backward_cpu(
   for (const auto& t : A) gA.push_back(at::zeros(t.sizes(), t.options()));
   for (const auto& t : B) gB.push_back(at::zeros(t.sizes(), t.options()));
   auto gg = at::zeros(gates.sizes(), gates.options());
-  for (int64_t a = 0; a < n_adapters; ++a) {
-    const int64_t begin = by.offsets[a], end = by.offsets[a + 1];
-    if (begin == end) continue;
-    const auto rows = by.rows.slice(0, begin, end);
+  each_adapter(by, [&](int64_t a, const at::Tensor& rows) {
     auto [gxa, gAa, gBa, gga] = kron_mix_backward_op().call(
         grad_y.index_select(0, rows), x.index_select(0, rows), slice(A, a), slice(B, a), gates.select(0, a));
     gx.index_copy_(0, rows, gxa);
@@ -131,7 +133,7 @@ BackwardResult kron_mix_indexed_backward_cpu(
       gB[j].select(0, a).copy_(gBa[j]);
     }
     gg.select(0, a).copy_(gga);
-  }
+  });
   return {gx, gA, gB, gg};
 }
 
