@@ -153,7 +153,7 @@ def test_unwritable_output_dir(tmp_path, capsys):
     _fails(["finetune", *TINY_RUN, *STEPS, "--output-dir", str(blocker / "out")], capsys, "not a directory")
 
 
-def test_layer_shape_that_does_not_factor(tmp_path, capsys):
+def test_prime_sized_layers_train_with_the_best_valid_factorization(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from moka_ext.models import _tiny_tokenizer
@@ -161,13 +161,14 @@ def test_layer_shape_that_does_not_factor(tmp_path, capsys):
     model_dir = tmp_path / "prime-llama"
     tok = _tiny_tokenizer()
     # 131 is prime: the MLP projections (131 x 64, 64 x 131) have no Kronecker factorization
-    # with every factor dimension at least 2.
+    # with every factor dimension at least 2; "auto" falls back to 1 x n factors and warns.
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=131, num_hidden_layers=1,
                                  num_attention_heads=1, num_key_value_heads=1)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = tmp_path / "out"
-    _fails(["finetune", *TINY_RUN, *STEPS, "--model", str(model_dir), "--output-dir", str(out)], capsys, "131")
-    assert not out.exists()
+    with pytest.warns(UserWarning, match=r"a 131 x 64 layer .*best valid factorization"):
+        assert cli.main(["finetune", *TINY_RUN, *STEPS, "--model", str(model_dir), "--output-dir", str(out)]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_resume_refuses_another_configuration_and_a_used_dir(finished_run, capsys):
