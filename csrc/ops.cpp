@@ -266,6 +266,25 @@ at::Tensor kron_mix_add_autocast(
       cast_list<device>(dtype, B), at::autocast::cached_cast(dtype, gates, device));
 }
 
+template <c10::DeviceType device>
+at::Tensor kron_mix_indexed_autocast(
+    const at::Tensor& x,
+    const at::Tensor& row_adapter,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto dtype = at::autocast::get_autocast_dtype(device);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moka::kron_mix_indexed", "")
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, at::TensorList,
+                           at::TensorList, const at::Tensor&)>();
+  return op.call(
+      at::autocast::cached_cast(dtype, x, device), row_adapter, cast_list<device>(dtype, A),
+      cast_list<device>(dtype, B), at::autocast::cached_cast(dtype, gates, device));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moka, m) {
@@ -294,11 +313,13 @@ TORCH_LIBRARY(moka, m) {
 TORCH_LIBRARY_IMPL(moka, AutocastCPU, m) {
   m.impl("kron_mix", kron_mix_autocast<c10::DeviceType::CPU>);
   m.impl("kron_mix_add", kron_mix_add_autocast<c10::DeviceType::CPU>);
+  m.impl("kron_mix_indexed", kron_mix_indexed_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(moka, AutocastCUDA, m) {
   m.impl("kron_mix", kron_mix_autocast<c10::DeviceType::CUDA>);
   m.impl("kron_mix_add", kron_mix_add_autocast<c10::DeviceType::CUDA>);
+  m.impl("kron_mix_indexed", kron_mix_indexed_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace moka

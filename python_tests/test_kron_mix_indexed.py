@@ -133,3 +133,12 @@ def test_bad_input_names_the_argument():
         f(x, ra, A, [B[0], B[1][:1]], g)
     with pytest.raises(RuntimeError, match=r"x must have at least 2 dims"):
         f(x[0, 0], ra, A, B, g)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    x, ra, A, B, g = make_indexed(3, 4, 2, dtype=torch.float32, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moka_ext.kron_mix_indexed(x, ra, A, B, g)
+    assert y.dtype == torch.bfloat16
+    want = moka_ext.kron_mix_indexed(x.bfloat16(), ra, [t.bfloat16() for t in A], [t.bfloat16() for t in B], g.bfloat16())
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
