@@ -543,6 +543,8 @@ class MoKALinear(nn.Module):
             return
         W = self._merged_dense(names)
         if safe_merge and not torch.isfinite(W).all():
+            if self.merged_adapters:  # back to the merge that was in place
+                self._write_merged(self.merged_adapters)
             raise ValueError(f"MoKALinear.merge: the merged weight with {names} has non-finite values; not merging")
         if self.base_kind == "linear":
             self._unmerged_base = base.weight.detach().clone()

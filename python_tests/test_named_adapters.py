@@ -124,6 +124,18 @@ def test_merge_and_unmerge_per_adapter():
         m.delete_adapter("b")
 
 
+def test_safe_merge_refuses_non_finite_and_keeps_the_previous_merge():
+    lin, m = three_adapter_layer(seed=5)
+    W0 = lin.weight.detach().clone()
+    m.merge(adapter_names=["b"])
+    with torch.no_grad():
+        m.moka_B["a"][0][0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        m.merge(safe_merge=True, adapter_names=["a"])
+    assert m.merged_adapters == ["b"]
+    torch.testing.assert_close(lin.weight.detach(), W0 + ref_delta(m, "b"), rtol=1e-12, atol=1e-12)
+
+
 def test_delete_and_disable():
     lin, m = three_adapter_layer(seed=3)
     m.set_adapter(["a", "b"])
