@@ -286,3 +286,25 @@ def test_autocast_adapter_dtype(autocast, want):
     dtypes = {p.dtype for n, p in model.named_parameters() if ".moka_" in n}
     assert dtypes == {want}
     assert model(batch()["input_ids"]).logits.dtype == torch.bfloat16
+
+
+def test_peft_generate_with_one_adapter_per_row_matches_a_per_row_loop():
+    model = _two_adapter_peft().eval()
+    ids = batch(b=3)["input_ids"]
+    names = ["b", "__base__", "default"]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
+        rows = []
+        for i, a in enumerate(names):
+            one = dict(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]), **kw)
+            if a == "__base__":
+                with model.disable_adapter():
+                    rows.append(model.generate(**one))
+            else:
+                model.set_adapter(a)
+                rows.append(model.generate(**one))
+        with model.disable_adapter():
+            base0 = model.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), **kw)
+    assert torch.equal(got, torch.cat(rows))
+    assert not torch.equal(base0, rows[0])  # the adapter changes what is generated
