@@ -297,8 +297,8 @@ def _extend_enum(enum_cls, name: str, value: str):
 
 
 def peft_type():
-    """``peft.PeftType.MOKA`` (added on first call); needs PEFT. ``PeftType("MOKA")``, the
-    value configs saved before the message was added carry, finds it too."""
+    """``peft.PeftType.MOKA`` (added on first call); needs PEFT. ``PeftType("MOKA")`` finds it
+    too (the value in adapter files of format version 1)."""
     from peft.utils import PeftType
 
     member = _extend_enum(PeftType, PEFT_TYPE_NAME, PEFT_TYPE_VALUE)
