@@ -17,6 +17,8 @@
 //
 // The factor gradients (second half of this file) use the same tiles.
 #include "../kron_mix.h"
+#include "launch.cuh"
+#include "ptx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -80,34 +82,8 @@ __device__ inline float unpack_hi(uint32_t w) { return Bits<T>::to_float(Bits<T>
 
 // D += A(16x16, row) * B(16x8, col), float32 accumulate.
 template <typename T>
-__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-
-template <>
-__device__ inline void mma_16816<__nv_bfloat16>(
-    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();  // the extension is only built for sm_80 and newer
-#endif
-}
-
-template <>
-__device__ inline void mma_16816<__half>(
-    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();
-#endif
+__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  ptx::mma_m16n8k16<T>(d, a, b);
 }
 
 // Fragment loads from a row-major [rows][ld] 16-bit tile whose k (column)
@@ -202,7 +178,7 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     kron_mix_fused_fwd_kernel(const KronMixParams p, const FusedPlan plan) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOKA_DYNAMIC_SHARED(smem_raw);
   float* ys = reinterpret_cast<float*>(smem_raw);
   T* xs = reinterpret_cast<T*>(ys + plan.ys_elems);
   T* as = xs + plan.xs_elems;
@@ -482,8 +458,9 @@ cudaError_t launch(const KronMixParams& p, const FusedPlan& plan, cudaStream_t s
     if (dev >= 0 && dev < 64) configured[dev] = true;
   }
   const int64_t blocks = (p.tokens + plan.tt - 1) / plan.tt;
-  kron_mix_fused_fwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, plan.smem_bytes, stream>>>(p, plan);
-  return cudaGetLastError();
+  return launch_kernel(
+      "kron_mix_fused_fwd_kernel", kron_mix_fused_fwd_kernel<T>, dim3(static_cast<unsigned>(blocks)),
+      dim3(kThreads), plan.smem_bytes, stream, p, plan);
 }
 
 }  // namespace
@@ -621,7 +598,7 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     kron_mix_grad_factors_kernel(const KronGradParams p, const GradPlan plan, float* __restrict__ ws) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOKA_DYNAMIC_SHARED(smem_raw);
   T* ls = reinterpret_cast<T*>(smem_raw);
   T* fs = ls + plan.ls_elems;
   T* qs = fs + plan.fs_elems;
@@ -878,13 +855,14 @@ cudaError_t launch_grad(const KronGradParams& p, const GradPlan& plan, float* ws
     if (dev >= 0 && dev < 64) configured[dev] = true;
   }
   if (plan.n_chunks > 0) {
-    kron_mix_grad_factors_kernel<T>
-        <<<dim3(plan.n_chunks, 2 * plan.components), kThreads, plan.smem_bytes, stream>>>(p, plan, ws);
-    err = cudaGetLastError();
+    err = launch_kernel(
+        "kron_mix_grad_factors_kernel", kron_mix_grad_factors_kernel<T>,
+        dim3(plan.n_chunks, 2 * plan.components), dim3(kThreads), plan.smem_bytes, stream, p, plan, ws);
     if (err != cudaSuccess) return err;
   }
-  kron_mix_grad_reduce_kernel<T><<<dim3(plan.components, 2), kThreads, 0, stream>>>(p, plan, ws);
-  return cudaGetLastError();
+  return launch_kernel(
+      "kron_mix_grad_reduce_kernel", kron_mix_grad_reduce_kernel<T>, dim3(plan.components, 2),
+      dim3(kThreads), 0, stream, p, plan, static_cast<const float*>(ws));
 }
 
 }  // namespace

@@ -1,0 +1,293 @@
+// moka_sim: runs one call of a csrc/cuda kernel entry point (csrc/kron_mix.h)
+// under the SIMT simulator. Inputs are raw little-endian files in --dir, laid
+// out exactly as the kernel reads them (row strides and element offsets
+// included); outputs are written there the same way. stdout reports the
+// planner's verdict, every launch (grid, block, shared memory) and the result.
+// python_tests/cuda_sim.py builds it, writes the inputs and checks the outputs.
+//
+//   moka_sim fwd      --dtype bf16 --tokens T --groups r:ma:na:mb:nb[,...] [--base]
+//                     [--x-stride S] [--y-stride S] [--base-stride S] [--offset E]
+//   moka_sim grad     --dtype f16 --tokens T --groups ... [--x-stride S] [--gy-stride S] [--offset E]
+//   moka_sim softmax_fwd | softmax_bwd --dtype f32 --rows R --n N --inv-temp V
+// common: --dir DIR --seed S --arch sm_90|sm_80 --dry-run (validate launches, run nothing)
+//         --verdict-only (print the planner's verdict and stop)
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../../kron_mix.h"
+#include "simt.h"
+
+namespace {
+
+using moka::cuda::DType;
+
+struct Args {
+  std::string op, dir = ".", dtype = "bf16", groups;
+  long long tokens = 0, x_stride = -1, y_stride = -1, base_stride = -1, gy_stride = -1, offset = 0;
+  long long rows = 0, n = 0;
+  double inv_temp = 1.0;
+  bool base = false, dry_run = false, verdict_only = false;
+};
+
+[[noreturn]] void usage(const char* why) {
+  std::fprintf(stderr, "moka_sim: %s (see the header of csrc/cuda/sim/harness.cpp)\n", why);
+  std::exit(2);
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  if (argc < 2) usage("missing op");
+  a.op = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string k = argv[i];
+    auto val = [&]() -> const char* {
+      if (i + 1 >= argc) usage(("missing value for " + k).c_str());
+      return argv[++i];
+    };
+    if (k == "--dir") a.dir = val();
+    else if (k == "--dtype") a.dtype = val();
+    else if (k == "--groups") a.groups = val();
+    else if (k == "--tokens") a.tokens = std::atoll(val());
+    else if (k == "--x-stride") a.x_stride = std::atoll(val());
+    else if (k == "--y-stride") a.y_stride = std::atoll(val());
+    else if (k == "--base-stride") a.base_stride = std::atoll(val());
+    else if (k == "--gy-stride") a.gy_stride = std::atoll(val());
+    else if (k == "--offset") a.offset = std::atoll(val());
+    else if (k == "--rows") a.rows = std::atoll(val());
+    else if (k == "--n") a.n = std::atoll(val());
+    else if (k == "--inv-temp") a.inv_temp = std::atof(val());
+    else if (k == "--seed") moka_sim::set_seed(std::strtoull(val(), nullptr, 10));
+    else if (k == "--arch") {
+      const char* v = val();
+      if (!moka_sim::set_arch(v)) usage("unknown --arch");
+    } else if (k == "--base") a.base = true;
+    else if (k == "--dry-run") a.dry_run = true;
+    else if (k == "--verdict-only") a.verdict_only = true;
+    else usage(("unknown option " + k).c_str());
+  }
+  return a;
+}
+
+DType dtype_of(const std::string& s) {
+  if (s == "f16") return DType::kFloat16;
+  if (s == "bf16") return DType::kBFloat16;
+  if (s == "f32") return DType::kFloat32;
+  if (s == "f64") return DType::kFloat64;
+  usage("--dtype must be f16, bf16, f32 or f64");
+}
+
+size_t elem_size(DType t) { return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2; }
+
+struct Group {
+  int r, ma, na, mb, nb;
+};
+
+std::vector<Group> parse_groups(const std::string& s) {
+  std::vector<Group> gs;
+  size_t pos = 0;
+  while (pos < s.size()) {
+    size_t end = s.find(',', pos);
+    if (end == std::string::npos) end = s.size();
+    Group g{};
+    if (std::sscanf(s.substr(pos, end - pos).c_str(), "%d:%d:%d:%d:%d", &g.r, &g.ma, &g.na, &g.mb, &g.nb) != 5)
+      usage("--groups wants r:ma:na:mb:nb[,...]");
+    gs.push_back(g);
+    pos = end + 1;
+  }
+  if (gs.empty() || gs.size() > size_t(moka::cuda::kFusedMaxGroups)) usage("--groups: 1 to 8 groups");
+  return gs;
+}
+
+// A buffer of exactly the bytes a file holds (AddressSanitizer sees the end),
+// or `bytes` of 0xFF for an output.
+struct Buffer {
+  std::vector<unsigned char>* keep = nullptr;
+  unsigned char* data = nullptr;
+  size_t bytes = 0;
+};
+
+std::vector<void*> g_allocs;
+
+unsigned char* alloc_exact(size_t bytes) {
+  // malloc(0) may return nullptr; a 1-byte allocation keeps pointers valid.
+  void* p = std::malloc(bytes ? bytes : 1);
+  if (!p) usage("out of memory");
+  g_allocs.push_back(p);
+  return static_cast<unsigned char*>(p);
+}
+
+unsigned char* read_input(const Args& a, const std::string& name, size_t expect_bytes) {
+  const std::string path = a.dir + "/" + name + ".bin";
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) usage(("cannot open " + path).c_str());
+  std::fseek(f, 0, SEEK_END);
+  const long size = std::ftell(f);
+  std::fseek(f, 0, SEEK_SET);
+  if (size < 0 || size_t(size) != expect_bytes) {
+    std::fprintf(stderr, "moka_sim: %s has %ld bytes, expected %zu\n", path.c_str(), size, expect_bytes);
+    std::exit(2);
+  }
+  unsigned char* p = alloc_exact(expect_bytes);
+  if (expect_bytes && std::fread(p, 1, expect_bytes, f) != expect_bytes) usage("short read");
+  std::fclose(f);
+  return p;
+}
+
+unsigned char* new_output(size_t bytes) {
+  unsigned char* p = alloc_exact(bytes);
+  std::memset(p, 0xff, bytes);
+  return p;
+}
+
+void write_output(const Args& a, const std::string& name, const unsigned char* p, size_t bytes) {
+  const std::string path = a.dir + "/" + name + ".bin";
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f || std::fwrite(p, 1, bytes, f) != bytes) usage(("cannot write " + path).c_str());
+  std::fclose(f);
+}
+
+// Bytes of a (rows, width) matrix with row stride `stride` starting `offset`
+// elements into its buffer.
+size_t strided_bytes(long long rows, long long width, long long stride, long long offset, size_t es) {
+  if (rows == 0) return size_t(offset) * es;
+  return size_t(offset + (rows - 1) * stride + width) * es;
+}
+
+int finish(cudaError_t err) {
+  std::printf("result: %s\n", cudaGetErrorName(err));
+  return err == cudaSuccess ? 0 : 1;
+}
+
+int run_fwd(const Args& a) {
+  const DType dt = dtype_of(a.dtype);
+  const size_t es = elem_size(dt);
+  const auto gs = parse_groups(a.groups);
+  moka::cuda::KronMixParams p{};
+  p.dtype = dt;
+  p.tokens = a.tokens;
+  p.in = gs[0].na * gs[0].nb;
+  p.out = gs[0].ma * gs[0].mb;
+  p.n_groups = int(gs.size());
+  const long long xs = a.x_stride < 0 ? p.in : a.x_stride, ys = a.y_stride < 0 ? p.out : a.y_stride;
+  const long long bs = a.base_stride < 0 ? p.out : a.base_stride;
+  int off = 0;
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    p.groups[j] = moka::cuda::KronGroupParams{nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
+    off += g.r;
+  }
+  const char* why = moka::cuda::kron_mix_fused_unsupported(p);
+  std::printf("verdict: %s\n", why ? why : "ok");
+  if (a.verdict_only) return 0;
+  const bool dry = a.dry_run;
+  auto in = [&](const std::string& name, size_t bytes) { return dry ? new_output(bytes) : read_input(a, name, bytes); };
+  p.x = in("x", strided_bytes(a.tokens, p.in, xs, a.offset, es)) + a.offset * es;
+  p.x_row_stride = xs;
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    p.groups[j].A = in("A" + std::to_string(j), size_t(g.r) * g.ma * g.na * es);
+    p.groups[j].B = in("B" + std::to_string(j), size_t(g.r) * g.mb * g.nb * es);
+  }
+  p.gates = in("gates", size_t(off) * es);
+  if (a.base) {
+    p.base = in("base", strided_bytes(a.tokens, p.out, bs, a.offset, es)) + a.offset * es;
+    p.base_row_stride = bs;
+  }
+  const size_t ybytes = strided_bytes(a.tokens, p.out, ys, a.offset, es);
+  unsigned char* y = new_output(ybytes);
+  p.y = y + a.offset * es;
+  p.y_row_stride = ys;
+  const cudaError_t err = moka::cuda::kron_mix_fused_forward(p, nullptr);
+  if (err == cudaSuccess && !dry) write_output(a, "y", y, ybytes);
+  return finish(err);
+}
+
+int run_grad(const Args& a) {
+  const DType dt = dtype_of(a.dtype);
+  const size_t es = elem_size(dt);
+  const auto gs = parse_groups(a.groups);
+  moka::cuda::KronGradParams p{};
+  p.dtype = dt;
+  p.tokens = a.tokens;
+  p.in = gs[0].na * gs[0].nb;
+  p.out = gs[0].ma * gs[0].mb;
+  p.n_groups = int(gs.size());
+  const long long xs = a.x_stride < 0 ? p.in : a.x_stride, gys = a.gy_stride < 0 ? p.out : a.gy_stride;
+  int off = 0;
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    p.groups[j] = moka::cuda::KronGradGroupParams{nullptr, nullptr, nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
+    off += g.r;
+  }
+  const char* why = moka::cuda::kron_mix_fused_grad_unsupported(p);
+  std::printf("verdict: %s\n", why ? why : "ok");
+  if (a.verdict_only) return 0;
+  const bool dry = a.dry_run;
+  auto in = [&](const std::string& name, size_t bytes) { return dry ? new_output(bytes) : read_input(a, name, bytes); };
+  p.x = in("x", strided_bytes(a.tokens, p.in, xs, a.offset, es)) + a.offset * es;
+  p.x_row_stride = xs;
+  p.grad_y = in("gy", strided_bytes(a.tokens, p.out, gys, a.offset, es)) + a.offset * es;
+  p.grad_y_row_stride = gys;
+  std::vector<std::pair<unsigned char*, size_t>> dA(gs.size()), dB(gs.size());
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    const size_t na = size_t(g.r) * g.ma * g.na * es, nb = size_t(g.r) * g.mb * g.nb * es;
+    p.groups[j].A = in("A" + std::to_string(j), na);
+    p.groups[j].Bt = in("Bt" + std::to_string(j), nb);
+    dA[j] = {new_output(na), na};
+    dB[j] = {new_output(nb), nb};
+    p.groups[j].dA = dA[j].first;
+    p.groups[j].dB = dB[j].first;
+  }
+  p.gates = in("gates", size_t(off) * es);
+  unsigned char* dg = new_output(size_t(off) * es);
+  p.grad_gates = dg;
+  const size_t ws_bytes = moka::cuda::kron_mix_fused_grad_workspace_bytes(p);
+  std::printf("workspace: %zu\n", ws_bytes);
+  unsigned char* ws = new_output(ws_bytes);
+  const cudaError_t err = moka::cuda::kron_mix_fused_grad_factors(p, ws, ws_bytes, nullptr);
+  if (err == cudaSuccess && !dry) {
+    for (size_t j = 0; j < gs.size(); ++j) {
+      write_output(a, "dA" + std::to_string(j), dA[j].first, dA[j].second);
+      write_output(a, "dB" + std::to_string(j), dB[j].first, dB[j].second);
+    }
+    write_output(a, "dg", dg, size_t(off) * es);
+  }
+  return finish(err);
+}
+
+int run_softmax(const Args& a, bool backward) {
+  const DType dt = dtype_of(a.dtype);
+  const size_t bytes = size_t(a.rows) * a.n * elem_size(dt);
+  unsigned char* out = new_output(bytes);
+  cudaError_t err;
+  if (backward) {
+    const unsigned char* g = read_input(a, "grad", bytes);
+    const unsigned char* s = read_input(a, "output", bytes);
+    err = moka::cuda::gate_softmax_backward(dt, g, s, out, a.rows, a.n, a.inv_temp, nullptr);
+  } else {
+    const unsigned char* l = read_input(a, "logits", bytes);
+    err = moka::cuda::gate_softmax_forward(dt, l, out, a.rows, a.n, a.inv_temp, nullptr);
+  }
+  if (err == cudaSuccess) write_output(a, backward ? "dlogits" : "out", out, bytes);
+  return finish(err);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args a = parse(argc, argv);
+  moka_sim::set_launch_log(stdout);
+  moka_sim::set_dry_run(a.dry_run);
+  int rc;
+  if (a.op == "fwd") rc = run_fwd(a);
+  else if (a.op == "grad") rc = run_grad(a);
+  else if (a.op == "softmax_fwd") rc = run_softmax(a, false);
+  else if (a.op == "softmax_bwd") rc = run_softmax(a, true);
+  else usage("op must be fwd, grad, softmax_fwd or softmax_bwd");
+  for (void* p : g_allocs) std::free(p);
+  return rc;
+}
