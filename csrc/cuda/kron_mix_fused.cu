@@ -31,6 +31,9 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// Launch limits every planner must respect (CUDA's grid dimensions).
+constexpr int64_t kMaxGridX = 0x7fffffff;
+constexpr int64_t kMaxGridYZ = 65535;
 constexpr int kWarps = kThreads / 32;
 // Register tile of stage 2 per warp: 2 x 8 mma tiles of 16 x 8 = 32 x 64.
 constexpr int kS2TilesM = 2, kS2TilesN = 8;
@@ -438,9 +441,11 @@ const char* make_plan(const KronMixParams& p, FusedPlan* plan) {
   if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
   const size_t limit = static_cast<size_t>(max_dynamic_smem());
   for (; tt >= 1; --tt) {
-    if (smem_bytes(p, tt, plan) <= limit) return nullptr;
+    if (smem_bytes(p, tt, plan) <= limit) break;
   }
-  return "the factor shapes need more shared memory than the device has";
+  if (tt < 1) return "the factor shapes need more shared memory than the device has";
+  if ((p.tokens + tt - 1) / tt > kMaxGridX) return "too many tokens for one launch (grid.x)";
+  return nullptr;
 }
 
 template <typename T>
@@ -471,7 +476,6 @@ cudaError_t kron_mix_fused_forward(const KronMixParams& p, cudaStream_t stream) 
   FusedPlan plan;
   if (make_plan(p, &plan) != nullptr) return cudaErrorNotSupported;
   if (p.tokens == 0) return cudaSuccess;
-  if ((p.tokens + plan.tt - 1) / plan.tt > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, plan, stream)
                                      : launch<__half>(p, plan, stream);
 }
@@ -804,6 +808,9 @@ const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
     if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
         g.nb > kFusedMaxFactorDim)
       return "a factor dimension exceeds the fused kernel's limit (128)";
+    // One grid row per (component, kind) job: grid.y.
+    if (2 * (int64_t(q.components) + g.r) > kMaxGridYZ)
+      return "more components than the factor-gradient grid takes (32767)";
     q.components += g.r;
     q.per_chunk += g.r * (g.ma * g.na + g.mb * g.nb);
   }
@@ -831,7 +838,7 @@ const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
   if (tt < 1) return "the factor shapes need more shared memory than the device has";
   q.tt = tt;
   const int64_t tiles = (p.tokens + tt - 1) / tt;
-  if (tiles > 0x7fffffff) return "too many tokens";
+  if (tiles > kMaxGridX) return "too many tokens";
   q.tiles = static_cast<int>(tiles);
   // About two CTAs per SM over all jobs; never more chunks than tiles.
   const int jobs = 2 * q.components;
@@ -880,7 +887,6 @@ cudaError_t kron_mix_fused_grad_factors(
   GradPlan plan;
   if (make_grad_plan(p, &plan) != nullptr) return cudaErrorNotSupported;
   if (workspace_bytes < size_t(plan.n_chunks) * plan.per_chunk * sizeof(float)) return cudaErrorInvalidValue;
-  if (2 * plan.components > 65535) return cudaErrorInvalidConfiguration;  // grid.y
   float* ws = static_cast<float*>(workspace);
   return p.dtype == DType::kBFloat16 ? launch_grad<__nv_bfloat16>(p, plan, ws, stream)
                                      : launch_grad<__half>(p, plan, ws, stream);

@@ -1,7 +1,11 @@
 // moka_sim: runs one call of a csrc/cuda kernel entry point (csrc/kron_mix.h)
 // under the SIMT simulator. Inputs are raw little-endian files in --dir, laid
-// out exactly as the kernel reads them (row strides and element offsets
-// included); outputs are written there the same way. stdout reports the
+// out exactly as the kernel reads them: every buffer starts --offset elements
+// before the pointer the kernel gets (so --offset 1 misaligns every pointer),
+// and rows are --*-stride elements apart. Outputs are written the same way,
+// prefix and gaps included, after being filled with 0xFF before the launch.
+// Every buffer is allocated at its exact size, so AddressSanitizer reports a
+// read or write past it. stdout reports the
 // planner's verdict, every launch (grid, block, shared memory) and the result.
 // python_tests/cuda_sim.py builds it, writes the inputs and checks the outputs.
 //
@@ -9,6 +13,8 @@
 //                     [--x-stride S] [--y-stride S] [--base-stride S] [--offset E]
 //   moka_sim grad     --dtype f16 --tokens T --groups ... [--x-stride S] [--gy-stride S] [--offset E]
 //   moka_sim softmax_fwd | softmax_bwd --dtype f32 --rows R --n N --inv-temp V
+//   moka_sim limits   --grid x,y,z --block x,y,z --smem N [--opt-in N]   (a trivial kernel)
+//   moka_sim selftest NAME   (a kernel with a known defect; see selftest())
 // common: --dir DIR --seed S --arch sm_90|sm_80 --dry-run (validate launches, run nothing)
 //         --verdict-only (print the planner's verdict and stop)
 #include <cstdio>
@@ -18,7 +24,9 @@
 #include <vector>
 
 #include "../../kron_mix.h"
+#include "../launch.cuh"
 #include "simt.h"
+
 
 namespace {
 
@@ -27,7 +35,9 @@ using moka::cuda::DType;
 struct Args {
   std::string op, dir = ".", dtype = "bf16", groups;
   long long tokens = 0, x_stride = -1, y_stride = -1, base_stride = -1, gy_stride = -1, offset = 0;
-  long long rows = 0, n = 0;
+  long long rows = 0, n = 0, smem = 0, opt_in = -1;
+  dim3 grid{1, 1, 1}, block{1, 1, 1};
+  std::string name;
   double inv_temp = 1.0;
   bool base = false, dry_run = false, verdict_only = false;
 };
@@ -35,6 +45,12 @@ struct Args {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr, "moka_sim: %s (see the header of csrc/cuda/sim/harness.cpp)\n", why);
   std::exit(2);
+}
+
+dim3 parse_dim3(const char* s) {
+  unsigned x = 1, y = 1, z = 1;
+  if (std::sscanf(s, "%u,%u,%u", &x, &y, &z) < 1) usage("a dim3 is x[,y[,z]]");
+  return dim3(x, y, z);
 }
 
 Args parse(int argc, char** argv) {
@@ -59,6 +75,11 @@ Args parse(int argc, char** argv) {
     else if (k == "--rows") a.rows = std::atoll(val());
     else if (k == "--n") a.n = std::atoll(val());
     else if (k == "--inv-temp") a.inv_temp = std::atof(val());
+    else if (k == "--grid") a.grid = parse_dim3(val());
+    else if (k == "--block") a.block = parse_dim3(val());
+    else if (k == "--smem") a.smem = std::atoll(val());
+    else if (k == "--opt-in") a.opt_in = std::atoll(val());
+    else if (k == "--name") a.name = val();
     else if (k == "--seed") moka_sim::set_seed(std::strtoull(val(), nullptr, 10));
     else if (k == "--arch") {
       const char* v = val();
@@ -101,14 +122,6 @@ std::vector<Group> parse_groups(const std::string& s) {
   return gs;
 }
 
-// A buffer of exactly the bytes a file holds (AddressSanitizer sees the end),
-// or `bytes` of 0xFF for an output.
-struct Buffer {
-  std::vector<unsigned char>* keep = nullptr;
-  unsigned char* data = nullptr;
-  size_t bytes = 0;
-};
-
 std::vector<void*> g_allocs;
 
 unsigned char* alloc_exact(size_t bytes) {
@@ -149,11 +162,16 @@ void write_output(const Args& a, const std::string& name, const unsigned char* p
   std::fclose(f);
 }
 
-// Bytes of a (rows, width) matrix with row stride `stride` starting `offset`
-// elements into its buffer.
-size_t strided_bytes(long long rows, long long width, long long stride, long long offset, size_t es) {
-  if (rows == 0) return size_t(offset) * es;
-  return size_t(offset + (rows - 1) * stride + width) * es;
+// Bytes of a (rows, width) matrix with row stride `stride`, without the
+// --offset prefix.
+size_t strided_bytes(long long rows, long long width, long long stride, size_t es) {
+  if (rows == 0) return 0;
+  return size_t((rows - 1) * stride + width) * es;
+}
+
+unsigned char* dry_run_pointer() {
+  alignas(16) static unsigned char never_read[16];
+  return never_read;
 }
 
 int finish(cudaError_t err) {
@@ -183,22 +201,27 @@ int run_fwd(const Args& a) {
   std::printf("verdict: %s\n", why ? why : "ok");
   if (a.verdict_only) return 0;
   const bool dry = a.dry_run;
-  auto in = [&](const std::string& name, size_t bytes) { return dry ? new_output(bytes) : read_input(a, name, bytes); };
-  p.x = in("x", strided_bytes(a.tokens, p.in, xs, a.offset, es)) + a.offset * es;
+  const size_t lead = size_t(a.offset) * es;
+  // A dry run validates launches only: no buffer is allocated or touched.
+  auto in = [&](const std::string& name, size_t bytes) -> unsigned char* {
+    return dry ? dry_run_pointer() : read_input(a, name, lead + bytes) + lead;
+  };
+  auto flat = [&](size_t elems) { return elems * es; };
+  p.x = in("x", strided_bytes(a.tokens, p.in, xs, es));
   p.x_row_stride = xs;
   for (size_t j = 0; j < gs.size(); ++j) {
     const Group& g = gs[j];
-    p.groups[j].A = in("A" + std::to_string(j), size_t(g.r) * g.ma * g.na * es);
-    p.groups[j].B = in("B" + std::to_string(j), size_t(g.r) * g.mb * g.nb * es);
+    p.groups[j].A = in("A" + std::to_string(j), flat(size_t(g.r) * g.ma * g.na));
+    p.groups[j].B = in("B" + std::to_string(j), flat(size_t(g.r) * g.mb * g.nb));
   }
-  p.gates = in("gates", size_t(off) * es);
+  p.gates = in("gates", flat(off));
   if (a.base) {
-    p.base = in("base", strided_bytes(a.tokens, p.out, bs, a.offset, es)) + a.offset * es;
+    p.base = in("base", strided_bytes(a.tokens, p.out, bs, es));
     p.base_row_stride = bs;
   }
-  const size_t ybytes = strided_bytes(a.tokens, p.out, ys, a.offset, es);
-  unsigned char* y = new_output(ybytes);
-  p.y = y + a.offset * es;
+  const size_t ybytes = lead + strided_bytes(a.tokens, p.out, ys, es);
+  unsigned char* y = dry ? dry_run_pointer() : new_output(ybytes);
+  p.y = dry ? y : y + lead;
   p.y_row_stride = ys;
   const cudaError_t err = moka::cuda::kron_mix_fused_forward(p, nullptr);
   if (err == cudaSuccess && !dry) write_output(a, "y", y, ybytes);
@@ -226,35 +249,46 @@ int run_grad(const Args& a) {
   std::printf("verdict: %s\n", why ? why : "ok");
   if (a.verdict_only) return 0;
   const bool dry = a.dry_run;
-  auto in = [&](const std::string& name, size_t bytes) { return dry ? new_output(bytes) : read_input(a, name, bytes); };
-  p.x = in("x", strided_bytes(a.tokens, p.in, xs, a.offset, es)) + a.offset * es;
+  const size_t lead = size_t(a.offset) * es;
+  // A dry run validates launches only: no buffer is allocated or touched.
+  auto in = [&](const std::string& name, size_t bytes) -> unsigned char* {
+    return dry ? dry_run_pointer() : read_input(a, name, lead + bytes) + lead;
+  };
+  auto flat = [&](size_t elems) { return elems * es; };
+  p.x = in("x", strided_bytes(a.tokens, p.in, xs, es));
   p.x_row_stride = xs;
-  p.grad_y = in("gy", strided_bytes(a.tokens, p.out, gys, a.offset, es)) + a.offset * es;
+  p.grad_y = in("gy", strided_bytes(a.tokens, p.out, gys, es));
   p.grad_y_row_stride = gys;
+  // Outputs: (buffer with its prefix, bytes with the prefix).
+  auto out = [&](size_t bytes) -> std::pair<unsigned char*, size_t> {
+    return {dry ? dry_run_pointer() : new_output(lead + bytes), lead + bytes};
+  };
+  auto ptr = [&](const std::pair<unsigned char*, size_t>& o) { return dry ? o.first : o.first + lead; };
   std::vector<std::pair<unsigned char*, size_t>> dA(gs.size()), dB(gs.size());
   for (size_t j = 0; j < gs.size(); ++j) {
     const Group& g = gs[j];
-    const size_t na = size_t(g.r) * g.ma * g.na * es, nb = size_t(g.r) * g.mb * g.nb * es;
+    const size_t na = flat(size_t(g.r) * g.ma * g.na), nb = flat(size_t(g.r) * g.mb * g.nb);
     p.groups[j].A = in("A" + std::to_string(j), na);
     p.groups[j].Bt = in("Bt" + std::to_string(j), nb);
-    dA[j] = {new_output(na), na};
-    dB[j] = {new_output(nb), nb};
-    p.groups[j].dA = dA[j].first;
-    p.groups[j].dB = dB[j].first;
+    dA[j] = out(na);
+    dB[j] = out(nb);
+    p.groups[j].dA = ptr(dA[j]);
+    p.groups[j].dB = ptr(dB[j]);
   }
-  p.gates = in("gates", size_t(off) * es);
-  unsigned char* dg = new_output(size_t(off) * es);
-  p.grad_gates = dg;
+  p.gates = in("gates", flat(off));
+  const auto dg = out(flat(off));
+  p.grad_gates = ptr(dg);
   const size_t ws_bytes = moka::cuda::kron_mix_fused_grad_workspace_bytes(p);
   std::printf("workspace: %zu\n", ws_bytes);
-  unsigned char* ws = new_output(ws_bytes);
+  // The workspace is the kernel's own: 16-byte aligned, as cudaMalloc's.
+  unsigned char* ws = dry ? dry_run_pointer() : new_output(ws_bytes);
   const cudaError_t err = moka::cuda::kron_mix_fused_grad_factors(p, ws, ws_bytes, nullptr);
   if (err == cudaSuccess && !dry) {
     for (size_t j = 0; j < gs.size(); ++j) {
       write_output(a, "dA" + std::to_string(j), dA[j].first, dA[j].second);
       write_output(a, "dB" + std::to_string(j), dB[j].first, dB[j].second);
     }
-    write_output(a, "dg", dg, size_t(off) * es);
+    write_output(a, "dg", dg.first, dg.second);
   }
   return finish(err);
 }
@@ -276,6 +310,80 @@ int run_softmax(const Args& a, bool backward) {
   return finish(err);
 }
 
+// ------------------------------------------------------------ simulator checks
+
+__global__ void empty_kernel(int* flag) {
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) *flag = 1;
+}
+
+int run_limits(const Args& a) {
+  int flag = 0;
+  if (a.opt_in >= 0) {
+    const cudaError_t e = cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(a.opt_in));
+    std::printf("opt-in: %s\n", cudaGetErrorName(e));
+  }
+  const cudaError_t err = moka_sim::launch_kernel("empty_kernel", empty_kernel, a.grid, a.block, size_t(a.smem), nullptr, &flag);
+  if (err == cudaSuccess && !a.dry_run && flag != 1) usage("empty_kernel did not run");
+  return finish(cudaGetLastError() == err ? err : cudaErrorInvalidValue);
+}
+
+// Kernels with the defects the simulator exists to expose; each must end in
+// a simulator error, a sanitizer report or a schedule-dependent result.
+__global__ void divergent_barrier_kernel(float*) {
+  if (threadIdx.x < 64) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+}
+
+__global__ void exit_before_barrier_kernel(float*) {
+  if (threadIdx.x >= 32) return;
+  __syncthreads();
+}
+
+__global__ void partial_warp_shuffle_kernel(float* out) {
+  if (threadIdx.x % 32 < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
+
+__global__ void smem_overrun_kernel(float* out) {
+  MOKA_DYNAMIC_SHARED(smem);
+  float* s = reinterpret_cast<float*>(smem);
+  s[threadIdx.x + 1] = 1.f;  // one float past the end for the last thread
+  out[threadIdx.x] = 0.f;
+}
+
+__global__ void uninitialized_smem_kernel(float* out) {
+  MOKA_DYNAMIC_SHARED(smem);
+  out[threadIdx.x] = reinterpret_cast<float*>(smem)[threadIdx.x];
+}
+
+__global__ void missing_barrier_kernel(float* out) {
+  MOKA_DYNAMIC_SHARED(smem);
+  float* s = reinterpret_cast<float*>(smem);
+  s[threadIdx.x] = float(threadIdx.x);
+  out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];  // needs a __syncthreads before it
+}
+
+int selftest(const Args& a) {
+  constexpr unsigned kThreads = 128;
+  std::vector<float> out(kThreads, -1.f);
+  void (*k)(float*) = nullptr;
+  if (a.name == "divergent_barrier") k = divergent_barrier_kernel;
+  else if (a.name == "exit_before_barrier") k = exit_before_barrier_kernel;
+  else if (a.name == "partial_warp_shuffle") k = partial_warp_shuffle_kernel;
+  else if (a.name == "smem_overrun") k = smem_overrun_kernel;
+  else if (a.name == "uninitialized_smem") k = uninitialized_smem_kernel;
+  else if (a.name == "missing_barrier") k = missing_barrier_kernel;
+  else usage("unknown selftest --name");
+  const cudaError_t err =
+      moka_sim::launch_kernel(a.name.c_str(), k, dim3(1), dim3(kThreads), kThreads * sizeof(float), nullptr, out.data());
+  std::printf("out:");
+  for (float v : out) std::printf(" %g", v);
+  std::printf("\n");
+  return finish(err);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -287,7 +395,9 @@ int main(int argc, char** argv) {
   else if (a.op == "grad") rc = run_grad(a);
   else if (a.op == "softmax_fwd") rc = run_softmax(a, false);
   else if (a.op == "softmax_bwd") rc = run_softmax(a, true);
-  else usage("op must be fwd, grad, softmax_fwd or softmax_bwd");
+  else if (a.op == "limits") rc = run_limits(a);
+  else if (a.op == "selftest") rc = selftest(a);
+  else usage("op must be fwd, grad, softmax_fwd, softmax_bwd, limits or selftest");
   for (void* p : g_allocs) std::free(p);
   return rc;
 }

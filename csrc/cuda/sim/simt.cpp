@@ -158,14 +158,30 @@ const char* state_name(const Fiber& f) {
   return "?";
 }
 
+// Reports where the CTA's threads are: one line per (state, call site), with
+// the number of threads there and the first of them.
 [[noreturn]] void deadlock(Cta& c, const char* why) {
-  std::string msg;
-  int shown = 0;
+  struct Spot {
+    const char* state;
+    const char* file;
+    int line, count;
+    const Fiber* first;
+  };
+  std::vector<Spot> spots;
   for (const Fiber& f : c.fibers) {
-    if (shown++ > 12) break;
+    const char* st = state_name(f);
+    auto it = std::find_if(spots.begin(), spots.end(), [&](const Spot& s) {
+      return s.state == st && s.line == f.site_line &&
+             (s.file == f.site_file || (s.file && f.site_file && std::strcmp(s.file, f.site_file) == 0));
+    });
+    if (it == spots.end()) spots.push_back({st, f.site_file, f.site_line, 1, &f});
+    else ++it->count;
+  }
+  std::string msg;
+  for (const Spot& s : spots) {
     char buf[512];
-    std::snprintf(buf, sizeof buf, "\n  %s %s%s%s:%d", where(f).c_str(), state_name(f),
-                  f.site_file ? " " : "", f.site_file ? f.site_file : "", f.site_line);
+    std::snprintf(buf, sizeof buf, "\n  %d thread(s) %s%s%s:%d (first: %s)", s.count, s.state, s.file ? " " : "",
+                  s.file ? s.file : "", s.line, where(*s.first).c_str());
     msg += buf;
   }
   fail("%s in %s, block (%u,%u,%u):%s", why, c.kernel, c.block_idx.x, c.block_idx.y, c.block_idx.z,

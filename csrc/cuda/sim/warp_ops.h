@@ -1,38 +1,15 @@
-// The simulator's models of the warp-wide PTX instructions of csrc/cuda/ptx.cuh.
-//
-// Fragment tables map (lane, value) to a matrix coordinate; a value indexes
-// the 16-bit elements of a lane's registers in order (value v is half v % 2,
-// low half first, of register v / 2). They are written from the PTX ISA and
-// checked against CUTLASS/CuTe's SM80 MMA traits by cute_check.cpp, so the
-// simulator cannot share a misunderstanding with the kernels.
+// The simulator's models of the warp-wide PTX instructions of csrc/cuda/ptx.cuh:
+// gather every lane's operands through the fragment tables of fragments.h,
+// compute, scatter the results back.
 #pragma once
 
 #include <cstdint>
 
+#include "fragments.h"
 #include "half_types.h"
 #include "simt.h"
 
 namespace moka_sim {
-
-struct RowCol {
-  int row, col;
-};
-
-// mma m16n8k16, A (16 x 16, row major): value v in 0..7.
-inline RowCol mma16816_a(int lane, int v) {
-  const int gid = lane / 4, tig = lane % 4;
-  return {gid + 8 * ((v / 2) % 2), 2 * tig + v % 2 + 8 * (v / 4)};
-}
-// B (16 x 8, K x N): value v in 0..3 -> (k, n).
-inline RowCol mma16816_b(int lane, int v) {
-  const int gid = lane / 4, tig = lane % 4;
-  return {2 * tig + v % 2 + 8 * (v / 2), gid};
-}
-// C and D (16 x 8): value v in 0..3 (float registers) -> (m, n).
-inline RowCol mma16816_c(int lane, int v) {
-  const int gid = lane / 4, tig = lane % 4;
-  return {gid + 8 * (v / 2), 2 * tig + v % 2};
-}
 
 enum class MmaType { kF16, kBF16 };
 
