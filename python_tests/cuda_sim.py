@@ -41,8 +41,8 @@ FLAGS = [
 ]
 # UBSan's alignment check is CUDA's misaligned-address fault; leaks are real.
 RUN_ENV = {
-    "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_error=1",
-    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+    "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_error=1:exitcode=86",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=87",
 }
 
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
@@ -234,7 +234,7 @@ def _read(path: Path, dtype, offset: int, n: int, w: int, stride: Optional[int] 
     return buf[offset:].as_strided((n, w), (stride, 1)).clone(), raw
 
 
-def _reference(case: Case, d: dict) -> tuple[dict, dict]:
+def expected_and_bounds(case: Case, d: dict) -> tuple[dict, dict]:
     """Expected outputs and their bounds (the same map on absolute values), in float64."""
     from moka_ext import reference
 
@@ -343,7 +343,7 @@ def run(case: Case, dry_run: bool = False, verdict_only: bool = False, binary: O
         outputs, raw = {}, {}
         expected, bounds = {}, {}
         if result == "cudaSuccess" and not dry_run:
-            expected, bounds = _reference(case, d)
+            expected, bounds = expected_and_bounds(case, d)
             for name, ref in expected.items():
                 if name == "y":
                     n, w = T, ref.shape[1]
