@@ -11,7 +11,8 @@ rounded inputs. test_cuda_sim.py uses it; a kernel author runs one case by hand:
     python python_tests/cuda_sim.py dx --dtype bf16 --tokens 5 --groups 1:24:24:24:24 --offset 1
 
 which prints the launches (grid, block, shared memory) and, per output, the
-first difference (token, row, column, expected, got) or that it matches.
+first difference (token, row, column, expected, got) or that it matches;
+`python python_tests/cuda_sim.py build` only builds (make sim).
 """
 from __future__ import annotations
 
@@ -432,8 +433,14 @@ def run_softmax(dtype: torch.dtype, rows: int, n: int, temperature: float, backw
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["build"]:
+        print(build())
+        if cutlass_include() is not None:
+            print(build_cute_check())
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("op", choices=["fwd", "dx", "grad"])
+    ap.add_argument("op", choices=["fwd", "dx", "grad"], help="or `build`: only build the simulation binaries")
     ap.add_argument("--dtype", choices=["f16", "bf16"], default="bf16")
     ap.add_argument("--tokens", type=int, required=True)
     ap.add_argument("--groups", required=True, help="r:ma:na:mb:nb[,...]")

@@ -178,6 +178,45 @@ def test_fragment_tables_match_cute():
     proc = subprocess.run([str(cuda_sim.build_cute_check())], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
     assert proc.stdout.count("fragments match") == 2
+    assert proc.stdout.count("ldmatrix sources match") == 6
+
+
+def _asm_blocks(text: str) -> list[tuple[str, str, str]]:
+    """(C++ function head, PTX text, operand constraints) of each asm statement."""
+    import re
+
+    out = []
+    for m in re.finditer(r"asm volatile\(((?:\s*\"[^\"]*\")+)\s*((?::[^;]*)?)\);", text):
+        head = text[: m.start()].rsplit("__device__ inline", 1)[-1].split("{")[0]
+        ptx = "".join(re.findall(r"\"([^\"]*)\"", m.group(1)))
+        out.append((head, ptx, m.group(2)))
+    return out
+
+
+def test_ptx_text_agrees_with_its_simulated_model():
+    """The PTX of csrc/cuda/ptx.cuh names the types and operands its simulated
+    branch models: mma's operand types follow the C++ element type, D and C are
+    the same four float registers, and each operand list has the PTX's count."""
+    import re
+
+    text = (cuda_sim.CUDA_DIR / "ptx.cuh").read_text()
+    blocks = _asm_blocks(text)
+    mma = [(h, p, c) for h, p, c in blocks if p.startswith("mma.sync")]
+    assert len(mma) == 2
+    for head, ptx, cons in mma:
+        elem = "bf16" if "__nv_bfloat16" in head else "f16"
+        assert f"m16n8k16.row.col.f32.{elem}.{elem}.f32 " in ptx, (head, ptx)
+        groups = re.findall(r"\{([^}]*)\}", ptx)
+        assert [len(g.split(",")) for g in groups] == [4, 4, 2, 4], ptx
+        assert groups[0] == groups[3], "C must be the D registers (accumulate in place)"
+        assert cons.count('"+f"') == 4 and cons.count('"r"') == 6, cons
+    ld = [(h, p, c) for h, p, c in blocks if p.startswith("ldmatrix")]
+    assert len(ld) == 3
+    for head, ptx, cons in ld:
+        n = int(re.search(r"\.x(\d)", ptx).group(1))
+        assert ("trans" in head) == (".trans" in ptx), (head, ptx)
+        assert f"(&r)[{n}]" in head and cons.count('"=r"') == n, (head, ptx, cons)
+        assert len(re.search(r"\{([^}]*)\}", ptx).group(1).split(",")) == n
 
 
 def _selftest(sim, name, seed=0):
@@ -194,6 +233,26 @@ def _selftest(sim, name, seed=0):
 def test_simulator_reports_defects(sim, name, message):
     proc = _selftest(sim, name)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+
+
+def _out(stdout: str) -> list[str]:
+    return stdout.split("out:")[1].split("\n")[0].split()
+
+
+def test_ldmatrix_model_gives_the_mma_fragments(sim):
+    # One warp loads A, B and transposed-A fragments with ldmatrix and with
+    # plain loads in the fragments.h layout: no lane sees a difference.
+    vals = _out(_selftest(sim, "ldmatrix_fragment").stdout)
+    assert vals[:32] == ["0"] * 32
+
+
+def test_cp_async_lands_at_its_wait(sim):
+    vals = _out(_selftest(sim, "cp_async").stdout)
+    # Read before the wait: the poison; after it: the source (1, 2, 3, 4).
+    assert all(v == "-nan" for v in vals[0:128:2])
+    assert vals[1:128:2] == ["1", "2", "3", "4"] * 16
+    proc = _selftest(sim, "cp_async_never_waited")
+    assert proc.returncode != 0 and "never waited for" in proc.stderr
 
 
 def test_simulator_poisons_shared_memory_and_shuffles_schedules(sim):

@@ -57,6 +57,85 @@ __device__ inline void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4
 #endif
 }
 
+#if !defined(MOKA_CUDA_SIM)
+__device__ inline uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#endif
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8 x 8 16-bit matrices; lane
+// 8 i + j gives the address of row j of matrix i (16 bytes, 16-byte aligned),
+// and register i of lane l receives row l / 4, columns 2 (l % 4) .. + 1 of
+// matrix i (with .trans: column l / 4, rows 2 (l % 4) .. + 1).
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(MOKA_CUDA_SIM)
+  ::moka_sim::ldmatrix(r, 4, false, row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+#else
+  __trap();
+#endif
+}
+
+__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+#if defined(MOKA_CUDA_SIM)
+  ::moka_sim::ldmatrix(r, 4, true, row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+#else
+  __trap();
+#endif
+}
+
+__device__ inline void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
+#if defined(MOKA_CUDA_SIM)
+  ::moka_sim::ldmatrix(r, 2, false, row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(shared_address(row)));
+#else
+  __trap();
+#endif
+}
+
+// cp.async.cg.shared.global [dst], [src], 16: an asynchronous 16-byte copy
+// (both addresses 16-byte aligned) that is complete only after the
+// cp_async_wait that retires its commit group.
+__device__ inline void cp_async_16(void* smem_dst, const void* gmem_src) {
+#if defined(MOKA_CUDA_SIM)
+  ::moka_sim::async_copy(smem_dst, gmem_src, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(smem_dst)), "l"(gmem_src));
+#else
+  __trap();
+#endif
+}
+
+// cp.async.commit_group: closes the group of this thread's copies so far.
+__device__ inline void cp_async_commit() {
+#if defined(MOKA_CUDA_SIM)
+  ::moka_sim::async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// cp.async.wait_group N: waits until at most N of this thread's committed
+// groups are pending (other threads' copies need a __syncthreads after it).
+template <int N>
+__device__ inline void cp_async_wait() {
+#if defined(MOKA_CUDA_SIM)
+  ::moka_sim::async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 }  // namespace ptx
 }  // namespace cuda
 }  // namespace moka

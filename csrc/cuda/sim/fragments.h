@@ -1,5 +1,5 @@
-// Tensor-core fragment tables of the simulator: which matrix element each
-// (lane, value) of a warp holds. A value indexes the 16-bit elements of a
+// Fragment tables of the simulator: which matrix element each (lane, value)
+// of a warp holds, for mma.sync and ldmatrix. A value indexes the 16-bit elements of a
 // lane's registers in order (value v is half v % 2, low half first, of register
 // v / 2; for float accumulators, register v). Written from the PTX ISA and
 // checked against CUTLASS/CuTe's SM80 MMA traits by cute_check.cpp, so the
@@ -27,6 +27,18 @@ inline RowCol mma16816_b(int lane, int v) {
 inline RowCol mma16816_c(int lane, int v) {
   const int gid = lane / 4, tig = lane % 4;
   return {gid + 8 * (v / 2), 2 * tig + v % 2};
+}
+
+// ldmatrix.m8n8.b16 (.x1/.x2/.x4): register `reg` of lane `lane` holds, in
+// half `half`, element `col` of the 8-element row whose address lane
+// `row_lane` supplied (lanes 8 reg .. 8 reg + 7 give the rows of matrix reg).
+// With .trans the matrix arrives transposed.
+struct LdmatrixSource {
+  int row_lane, col;
+};
+inline LdmatrixSource ldmatrix_source(int lane, int reg, int half, bool trans) {
+  if (!trans) return {8 * reg + lane / 4, 2 * (lane % 4) + half};
+  return {8 * reg + 2 * (lane % 4) + half, lane / 4};
 }
 
 }  // namespace moka_sim

@@ -25,6 +25,7 @@
 
 #include "../../kron_mix.h"
 #include "../launch.cuh"
+#include "../ptx.cuh"
 #include "simt.h"
 
 
@@ -349,7 +350,7 @@ __global__ void partial_warp_shuffle_kernel(float* out) {
 __global__ void smem_overrun_kernel(float* out) {
   MOKA_DYNAMIC_SHARED(smem);
   float* s = reinterpret_cast<float*>(smem);
-  s[threadIdx.x + 1] = 1.f;  // one float past the end for the last thread
+  s[threadIdx.x + 3 * blockDim.x + 1] = 1.f;  // one float past the end for the last thread
   out[threadIdx.x] = 0.f;
 }
 
@@ -365,9 +366,62 @@ __global__ void missing_barrier_kernel(float* out) {
   out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];  // needs a __syncthreads before it
 }
 
+// ldmatrix against the mma fragment layout (fragments.h): one warp loads a
+// 16 x 16 tile's A fragment, a B fragment and the transposed tile's A fragment
+// both with ldmatrix and with plain 32-bit loads; out[lane] counts mismatches.
+__global__ void ldmatrix_fragment_kernel(float* out) {
+  MOKA_DYNAMIC_SHARED(smem);
+  constexpr int ld = 24;  // elements; a row is 48 bytes, 16-byte aligned
+  unsigned short* tile = reinterpret_cast<unsigned short*>(smem);
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x < 32)
+    for (int i = lane; i < 16 * ld; i += 32) tile[i] = static_cast<unsigned short>(i * 7 + 1);
+  __syncthreads();
+  if (threadIdx.x >= 32) return;
+  const int gid = lane / 4, tig = lane % 4;
+  auto word = [&](int r, int c) { return uint32_t(tile[r * ld + c]) | (uint32_t(tile[r * ld + c + 1]) << 16); };
+  auto tword = [&](int r, int c) { return uint32_t(tile[c * ld + r]) | (uint32_t(tile[(c + 1) * ld + r]) << 16); };
+  uint32_t a[4], b[2], t[4];
+  moka::cuda::ptx::ldmatrix_x4(a, tile + (lane % 16) * ld + (lane / 16) * 8);
+  moka::cuda::ptx::ldmatrix_x2(b, tile + (lane % 8) * ld + ((lane / 8) % 2) * 8);
+  moka::cuda::ptx::ldmatrix_x4_trans(t, tile + (lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8);
+  int bad = 0;
+  bad += a[0] != word(gid, 2 * tig) || a[1] != word(gid + 8, 2 * tig);
+  bad += a[2] != word(gid, 2 * tig + 8) || a[3] != word(gid + 8, 2 * tig + 8);
+  bad += b[0] != word(gid, 2 * tig) || b[1] != word(gid, 2 * tig + 8);
+  // Transposed: the A fragment of tile^T.
+  bad += t[0] != tword(gid, 2 * tig) || t[1] != tword(gid + 8, 2 * tig);
+  bad += t[2] != tword(gid, 2 * tig + 8) || t[3] != tword(gid + 8, 2 * tig + 8);
+  out[threadIdx.x] = float(bad);
+}
+
+// out[2 t] = the destination read before the wait, out[2 t + 1] after it.
+__global__ void cp_async_kernel(float* out) {
+  MOKA_DYNAMIC_SHARED(smem);
+  alignas(16) static const float src[4] = {1.f, 2.f, 3.f, 4.f};
+  float* dst = reinterpret_cast<float*>(smem) + 4 * (threadIdx.x % 32);
+  moka::cuda::ptx::cp_async_16(dst, src);
+  moka::cuda::ptx::cp_async_commit();
+  if (threadIdx.x < 64) {
+    out[2 * threadIdx.x] = dst[threadIdx.x % 4];
+    moka::cuda::ptx::cp_async_wait<0>();
+    out[2 * threadIdx.x + 1] = dst[threadIdx.x % 4];
+  } else {
+    moka::cuda::ptx::cp_async_wait<0>();
+  }
+}
+
+__global__ void cp_async_never_waited_kernel(float* out) {
+  MOKA_DYNAMIC_SHARED(smem);
+  alignas(16) static const float src[4] = {1.f, 2.f, 3.f, 4.f};
+  moka::cuda::ptx::cp_async_16(smem + 16 * (threadIdx.x % 8), src);
+  moka::cuda::ptx::cp_async_commit();
+  out[threadIdx.x] = 0.f;
+}
+
 int selftest(const Args& a) {
   constexpr unsigned kThreads = 128;
-  std::vector<float> out(kThreads, -1.f);
+  std::vector<float> out(2 * kThreads, -1.f);
   void (*k)(float*) = nullptr;
   if (a.name == "divergent_barrier") k = divergent_barrier_kernel;
   else if (a.name == "exit_before_barrier") k = exit_before_barrier_kernel;
@@ -375,11 +429,14 @@ int selftest(const Args& a) {
   else if (a.name == "smem_overrun") k = smem_overrun_kernel;
   else if (a.name == "uninitialized_smem") k = uninitialized_smem_kernel;
   else if (a.name == "missing_barrier") k = missing_barrier_kernel;
+  else if (a.name == "ldmatrix_fragment") k = ldmatrix_fragment_kernel;
+  else if (a.name == "cp_async") k = cp_async_kernel;
+  else if (a.name == "cp_async_never_waited") k = cp_async_never_waited_kernel;
   else usage("unknown selftest --name");
   const cudaError_t err =
-      moka_sim::launch_kernel(a.name.c_str(), k, dim3(1), dim3(kThreads), kThreads * sizeof(float), nullptr, out.data());
+      moka_sim::launch_kernel(a.name.c_str(), k, dim3(1), dim3(kThreads), 4 * kThreads * sizeof(float), nullptr, out.data());
   std::printf("out:");
-  for (float v : out) std::printf(" %g", v);
+  for (unsigned i = 0; i < kThreads; ++i) std::printf(" %g", out[i]);
   std::printf("\n");
   return finish(err);
 }

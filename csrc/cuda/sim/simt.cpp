@@ -57,8 +57,16 @@ constexpr size_t kStackBytes = 256 * 1024;
 
 enum class State { kReady, kAtBarrier, kAtWarp, kDone };
 
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+  size_t bytes;
+};
+
 struct Fiber {
   Thread t;
+  std::vector<AsyncCopy> uncommitted;
+  std::vector<std::vector<AsyncCopy>> groups;  // committed, oldest first
   ucontext_t ctx;
   void* stack = nullptr;
   State state = State::kReady;
@@ -81,6 +89,7 @@ struct Cta {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
   const CtaBody* body = nullptr;
   const char* kernel = nullptr;
   ucontext_t sched;
@@ -130,6 +139,8 @@ void yield(Cta& c, Fiber& f, bool finished) {
   (void)finished;
 }
 
+std::string where(const Fiber& f);
+
 void fiber_main() {
   Cta& c = *g_cta;
   Fiber& f = *c.current;
@@ -137,6 +148,8 @@ void fiber_main() {
   __sanitizer_finish_switch_fiber(nullptr, &c.sched_stack_bottom, &c.sched_stack_size);
 #endif
   (*c.body)();
+  if (!f.uncommitted.empty() || !f.groups.empty())
+    fail("%s: %s exited with cp.async copies it never waited for", c.kernel, where(f).c_str());
   f.state = State::kDone;
   yield(c, f, true);
   fail("a finished fiber was resumed");
@@ -278,6 +291,48 @@ unsigned char* dynamic_smem() {
   return g_cta->smem;
 }
 
+size_t dynamic_smem_bytes() {
+  if (!g_cta) fail("dynamic shared memory used outside a kernel");
+  return g_cta->smem_bytes;
+}
+
+void check_shared(const void* p, size_t bytes, const char* what) {
+  const unsigned char* b = static_cast<const unsigned char*>(p);
+  if (!g_cta || !g_cta->smem || b < g_cta->smem || b + bytes > g_cta->smem + g_cta->smem_bytes)
+    fail("%s: address %p (+%zu bytes) is not in the CTA's dynamic shared memory", what, p, bytes);
+}
+
+Fiber& running(const char* what) {
+  if (!g_cta || !g_cta->current) fail("%s outside a kernel", what);
+  return *g_cta->current;
+}
+
+void async_copy(void* dst, const void* src, size_t bytes) {
+  Fiber& f = running("cp.async");
+  if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async: size %zu (4, 8 or 16 bytes)", bytes);
+  if (reinterpret_cast<uintptr_t>(dst) % bytes || reinterpret_cast<uintptr_t>(src) % bytes)
+    fail("cp.async: %zu-byte copy from %p to %p is misaligned", bytes, src, dst);
+  check_shared(dst, bytes, "cp.async destination");
+  AsyncCopy c{static_cast<unsigned char*>(dst), {}, bytes};
+  std::memcpy(c.data, src, bytes);
+  std::memset(dst, 0xff, bytes);
+  f.uncommitted.push_back(c);
+}
+
+void async_commit() {
+  Fiber& f = running("cp.async.commit_group");
+  f.groups.push_back(std::move(f.uncommitted));
+  f.uncommitted.clear();
+}
+
+void async_wait(int pending_groups_allowed) {
+  Fiber& f = running("cp.async.wait_group");
+  while (f.groups.size() > size_t(pending_groups_allowed < 0 ? 0 : pending_groups_allowed)) {
+    for (const AsyncCopy& c : f.groups.front()) std::memcpy(c.dst, c.data, c.bytes);
+    f.groups.erase(f.groups.begin());
+  }
+}
+
 void cta_barrier(const char* file, int line) {
   if (!g_cta || !g_cta->current) fail("__syncthreads outside a kernel");
   Cta& c = *g_cta;
@@ -369,6 +424,7 @@ cudaError_t launch(
       if (posix_memalign(&p, 128, smem) != 0) fail("out of host memory for shared memory");
       std::memset(p, 0xff, smem);
       c.smem = static_cast<unsigned char*>(p);
+      c.smem_bytes = smem;
     }
     g_cta = &c;
     std::mt19937_64 rng(k.seed * 0xD1B54A32D192ED03ull + id + 7);

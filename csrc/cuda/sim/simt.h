@@ -124,6 +124,17 @@ Thread& this_thread();
 uint3 block_dim();
 uint3 grid_dim();
 unsigned char* dynamic_smem();
+size_t dynamic_smem_bytes();
+// Fails unless [p, p + bytes) lies in the CTA's dynamic shared memory.
+void check_shared(const void* p, size_t bytes, const char* what);
+
+// Asynchronous copies (cp.async): issued copies poison their destination at
+// once and write it only when a wait retires their group, so a read before
+// the wait sees NaN. A thread that exits with copies it never waited for is an
+// error.
+void async_copy(void* dst, const void* src, size_t bytes);
+void async_commit();
+void async_wait(int pending_groups_allowed);
 
 void cta_barrier(const char* file, int line);
 

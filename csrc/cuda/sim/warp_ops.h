@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "fragments.h"
 #include "half_types.h"
@@ -65,6 +66,48 @@ inline void mma_m16n8k16_f32(
   warp_collective(
       type == MmaType::kBF16 ? "mma.sync.m16n8k16.f32.bf16" : "mma.sync.m16n8k16.f32.f16", file, line,
       0xffffffffu, &in, d, mma16816_compute, nullptr);
+}
+
+struct LdmatrixIn {
+  const void* row;
+  int num;
+  bool trans;
+};
+
+inline void ldmatrix_compute(const void* const* ins, void* const* outs, int lanes, const void*) {
+  if (lanes != 32) fail("ldmatrix needs a full warp of 32 lanes, got %d", lanes);
+  const LdmatrixIn& first = *static_cast<const LdmatrixIn*>(ins[0]);
+  for (int l = 0; l < 32; ++l) {
+    const LdmatrixIn& in = *static_cast<const LdmatrixIn*>(ins[l]);
+    if (in.num != first.num || in.trans != first.trans) fail("ldmatrix: lanes disagree on .num/.trans");
+    if (l < 8 * first.num) {
+      if (reinterpret_cast<uintptr_t>(in.row) % 16) fail("ldmatrix: lane %d's row address %p is not 16-byte aligned", l, in.row);
+      check_shared(in.row, 16, "ldmatrix row");
+    }
+  }
+  for (int l = 0; l < 32; ++l) {
+    uint32_t* r = static_cast<uint32_t*>(outs[l]);
+    for (int reg = 0; reg < first.num; ++reg) {
+      uint32_t v = 0;
+      for (int half = 0; half < 2; ++half) {
+        const LdmatrixSource src = ldmatrix_source(l, reg, half, first.trans);
+        const unsigned char* row = static_cast<const unsigned char*>(static_cast<const LdmatrixIn*>(ins[src.row_lane])->row);
+        unsigned short e;
+        std::memcpy(&e, row + 2 * src.col, 2);
+        v |= uint32_t(e) << (16 * half);
+      }
+      r[reg] = v;
+    }
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16 into r[0 .. num).
+inline void ldmatrix(uint32_t* r, int num, bool trans, const void* row, const char* file = __builtin_FILE(),
+                     int line = __builtin_LINE()) {
+  const LdmatrixIn in{row, num, trans};
+  uint32_t out[4] = {0, 0, 0, 0};
+  warp_collective(trans ? "ldmatrix.trans" : "ldmatrix", file, line, 0xffffffffu, &in, out, ldmatrix_compute, nullptr);
+  for (int i = 0; i < num; ++i) r[i] = out[i];
 }
 
 }  // namespace moka_sim
