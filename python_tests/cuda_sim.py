@@ -333,7 +333,7 @@ def run(case: Case, dry_run: bool = False, verdict_only: bool = False, binary: O
         env = {**os.environ, **RUN_ENV}
         proc = subprocess.run(args, capture_output=True, text=True, env=env)
         out = proc.stdout
-        if proc.returncode not in (0, 1) or "result:" not in out and not verdict_only:
+        if proc.returncode not in (0, 1) or ("result:" not in out and not verdict_only):
             raise RuntimeError(
                 f"moka_sim failed (exit {proc.returncode}): {' '.join(args[1:])}\n{out}\n{proc.stderr[-6000:]}"
             )

@@ -11,6 +11,7 @@ each accepted shape launching. `pytest -m cuda_sim` runs exactly these.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -161,12 +162,11 @@ def test_gate_softmax(sim, dtype, rows, n, backward):
 
 
 def test_gate_softmax_nan_row_is_nan(sim, tmp_path):
-    binary = sim
     logits = torch.zeros(3, 5, dtype=torch.float32)
     logits[1, 3] = float("nan")
     (tmp_path / "logits.bin").write_bytes(logits.numpy().tobytes())
-    subprocess.run([str(binary), "softmax_fwd", "--dir", str(tmp_path), "--dtype", "f32", "--rows", "3",
-                    "--n", "5"], check=True, capture_output=True, env={**cuda_sim.os.environ, **cuda_sim.RUN_ENV})
+    subprocess.run([str(sim), "softmax_fwd", "--dir", str(tmp_path), "--dtype", "f32", "--rows", "3",
+                    "--n", "5"], check=True, capture_output=True, env={**os.environ, **cuda_sim.RUN_ENV})
     out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.float32).view(3, 5)
     assert out[1].isnan().all() and not out[0].isnan().any() and not out[2].isnan().any()
     torch.testing.assert_close(out[0], torch.full((5,), 0.2))
@@ -224,7 +224,7 @@ def test_ptx_text_agrees_with_its_simulated_model():
 
 def _selftest(sim, name, seed=0):
     return subprocess.run([str(sim), "selftest", "--name", name, "--seed", str(seed)], capture_output=True,
-                          text=True, env={**cuda_sim.os.environ, **cuda_sim.RUN_ENV})
+                          text=True, env={**os.environ, **cuda_sim.RUN_ENV})
 
 
 @pytest.mark.parametrize("name,message", [
@@ -270,7 +270,7 @@ def _limits(sim, arch, grid="1", block="32", smem=0, opt_in=None):
     args = [str(sim), "limits", "--arch", arch, "--grid", grid, "--block", block, "--smem", str(smem)]
     if opt_in is not None:
         args += ["--opt-in", str(opt_in)]
-    proc = subprocess.run(args, capture_output=True, text=True, env={**cuda_sim.os.environ, **cuda_sim.RUN_ENV})
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **cuda_sim.RUN_ENV})
     lines = dict(ln.split(": ", 1) for ln in proc.stdout.splitlines() if ": " in ln and not ln.startswith("launch"))
     return lines.get("opt-in"), lines["result"]
 
