@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <tuple>
 
 namespace moka {
 
@@ -20,6 +19,13 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t out) {
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = out;
   return sizes;
+}
+
+KronMixBackward zero_grads(const at::Tensor& x, at::TensorList A, at::TensorList B, const at::Tensor& gates) {
+  std::vector<at::Tensor> gA, gB;
+  for (const auto& a : A) gA.push_back(at::zeros_like(a));
+  for (const auto& b : B) gB.push_back(at::zeros_like(b));
+  return {at::zeros_like(x), gA, gB, at::zeros_like(gates)};
 }
 
 at::Tensor kron_mix_matmul_forward(
@@ -105,8 +111,7 @@ at::Tensor kron_mix_matmul_op(
   return kron_mix_matmul_forward(s, x2d, A, B, gates, base ? &base2d : nullptr).view(out_sizes(x, s.out));
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
-kron_mix_matmul_backward_op(
+KronMixBackward kron_mix_matmul_backward_op(
     const at::Tensor& grad_y,
     const at::Tensor& x,
     at::TensorList A,
@@ -114,12 +119,7 @@ kron_mix_matmul_backward_op(
     const at::Tensor& gates) {
   const auto s = check_kron_mix_args("_kron_mix_matmul_backward", x, A, B, gates);
   check_like_output("_kron_mix_matmul_backward", "grad_y", grad_y, x, s.out);
-  if (s.tokens == 0) {
-    std::vector<at::Tensor> gA, gB;
-    for (const auto& a : A) gA.push_back(at::zeros_like(a));
-    for (const auto& b : B) gB.push_back(at::zeros_like(b));
-    return {at::zeros_like(x), gA, gB, at::zeros_like(gates)};
-  }
+  if (s.tokens == 0) return zero_grads(x, A, B, gates);
   auto g = kron_mix_matmul_backward(
       s, rows_of(x, s.tokens, s.in), rows_of(grad_y, s.tokens, s.out), A, B, gates, /*want_grad_x=*/true);
   return {g.grad_x.view(x.sizes()), g.grad_A, g.grad_B, g.grad_gates};

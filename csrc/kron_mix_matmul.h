@@ -11,9 +11,16 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 namespace moka {
+
+// What the kron_mix_backward ops return: (grad_x, grad_A, grad_B, grad_gates).
+using KronMixBackward = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+
+// The gradients of a call without tokens: zeros shaped like the inputs.
+KronMixBackward zero_grads(const at::Tensor& x, at::TensorList A, at::TensorList B, const at::Tensor& gates);
 
 // (tokens, width) view whose rows are strided but whose last dim is
 // contiguous, as the kernels take it; copies only when it has to.

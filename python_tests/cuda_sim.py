@@ -116,8 +116,11 @@ def cutlass_include() -> Optional[Path]:
 def cuda_include_flags() -> list[str]:
     """The toolkit's own include flags (CuTe needs the real CUDA headers and
     CCCL), as nvcc reports them; nvcc on PATH may be a wrapper script."""
-    proc = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError("nvcc not found: the CuTe check compiles against the CUDA toolkit's headers") from None
     flags = []
     for line in (proc.stdout + proc.stderr).splitlines():
         for var in ("INCLUDES=", "SYSTEM_INCLUDES="):
@@ -436,7 +439,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["build"]:
         print(build())
-        if cutlass_include() is not None:
+        if cutlass_include() is None:
+            print("nvidia-cutlass not installed: the CuTe fragment check is not built")
+        else:
             print(build_cute_check())
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,14 +31,14 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// Launch limits every planner must respect (CUDA's grid dimensions).
-constexpr int64_t kMaxGridX = 0x7fffffff;
-constexpr int64_t kMaxGridYZ = 65535;
 constexpr int kWarps = kThreads / 32;
 // Register tile of stage 2 per warp: 2 x 8 mma tiles of 16 x 8 = 32 x 64.
 constexpr int kS2TilesM = 2, kS2TilesN = 8;
 // Stage 1 (transient accumulator) per warp: 2 x 4 tiles = 32 x 32.
 constexpr int kS1TilesM = 2, kS1TilesN = 4;
+// CUDA's grid limits, which every planner checks so that what it accepts launches.
+constexpr int64_t kMaxGridX = 0x7fffffff;
+constexpr int64_t kMaxGridYZ = 65535;
 
 __host__ __device__ inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
@@ -82,12 +82,6 @@ template <typename T>
 __device__ inline float unpack_lo(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w & 0xffffu)); }
 template <typename T>
 __device__ inline float unpack_hi(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w >> 16)); }
-
-// D += A(16x16, row) * B(16x8, col), float32 accumulate.
-template <typename T>
-__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  ptx::mma_m16n8k16<T>(d, a, b);
-}
 
 // Fragment loads from a row-major [rows][ld] 16-bit tile whose k (column)
 // index is contiguous. PTX m16n8k16 layout, gid = lane / 4, tig = lane % 4:
@@ -257,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int i = 0; i < kS1TilesM; ++i)
 #pragma unroll
             for (int jn = 0; jn < kS1TilesN; ++jn)
-              if (bm + 16 * i < mb16 && bn + 8 * jn < n1) mma_16816<T>(acc1[i][jn], af[i], bf[jn]);
+              if (bm + 16 * i < mb16 && bn + 8 * jn < n1) ptx::mma_m16n8k16<T>(acc1[i][jn], af[i], bf[jn]);
         }
         // Scatter g * Z^T[d][(t, a)] to Zs[(t*mb + d)][a].
 #pragma unroll
@@ -307,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int jn = 0; jn < kS2TilesN; ++jn)
             if (wm * 32 + 16 * i < ma16 && wn * 64 + 8 * jn < n2)
-              mma_16816<T>(acc2[i][jn], af[i], bf[jn]);
+              ptx::mma_m16n8k16<T>(acc2[i][jn], af[i], bf[jn]);
       }
       __syncthreads();  // As, Bs and Zs are reloaded by the next component
     }
@@ -678,7 +672,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < kS1TilesM; ++i)
 #pragma unroll
           for (int jn = 0; jn < kS1TilesN; ++jn)
-            if (bm + 16 * i < n1_16 && bn + 8 * jn < job.s) mma_16816<T>(acc1[i][jn], af[i], bf[jn]);
+            if (bm + 16 * i < n1_16 && bn + 8 * jn < job.s) ptx::mma_m16n8k16<T>(acc1[i][jn], af[i], bf[jn]);
       }
       // Scatter to Qs[i][t*s + l].
 #pragma unroll
@@ -719,7 +713,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kS2TilesM; ++i)
 #pragma unroll
         for (int jn = 0; jn < kS2TilesN; ++jn)
-          if (wm * 32 + 16 * i < p16 && wn * 64 + 8 * jn < job.u) mma_16816<T>(acc2[i][jn], af[i], bf[jn]);
+          if (wm * 32 + 16 * i < p16 && wn * 64 + 8 * jn < job.u) ptx::mma_m16n8k16<T>(acc2[i][jn], af[i], bf[jn]);
     }
   }
 

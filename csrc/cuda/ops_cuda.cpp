@@ -200,8 +200,7 @@ KronMixShape transposed(const KronMixShape& s) {
   return t;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
-kron_mix_backward_cuda(
+KronMixBackward kron_mix_backward_cuda(
     const at::Tensor& grad_y,
     const at::Tensor& x,
     at::TensorList A,
@@ -212,12 +211,7 @@ kron_mix_backward_cuda(
   c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
   const int64_t T = s.tokens;
-  if (T == 0) {
-    std::vector<at::Tensor> gA, gB;
-    for (const auto& a : A) gA.push_back(at::zeros_like(a));
-    for (const auto& b : B) gB.push_back(at::zeros_like(b));
-    return {at::zeros_like(x), gA, gB, at::zeros_like(gates)};
-  }
+  if (T == 0) return zero_grads(x, A, B, gates);
   const auto x2d = rows_of(x, T, s.in);
   const auto gy2d = rows_of(grad_y, T, s.out);
 

@@ -180,9 +180,41 @@ int finish(cudaError_t err) {
   return err == cudaSuccess ? 0 : 1;
 }
 
+// The buffers of one call: inputs read from --dir, outputs filled with 0xFF
+// and written back after a successful launch, each with the --offset prefix
+// in front of the pointer the kernel gets. A dry run validates launches only:
+// nothing is allocated or touched.
+class Buffers {
+ public:
+  Buffers(const Args& a, size_t es) : a_(a), es_(es), lead_(size_t(a.offset) * es) {}
+  size_t flat(size_t elems) const { return elems * es_; }
+  size_t rows(long long n, long long width, long long stride) const { return strided_bytes(n, width, stride, es_); }
+  const void* in(const std::string& name, size_t bytes) {
+    return a_.dry_run ? dry_run_pointer() : read_input(a_, name, lead_ + bytes) + lead_;
+  }
+  void* out(const std::string& name, size_t bytes) {
+    if (a_.dry_run) return dry_run_pointer();
+    unsigned char* p = new_output(lead_ + bytes);
+    outs_.push_back({name, p, lead_ + bytes});
+    return p + lead_;
+  }
+  void write_outputs() const {
+    for (const auto& o : outs_) write_output(a_, o.name, o.data, o.bytes);
+  }
+
+ private:
+  struct Out {
+    std::string name;
+    unsigned char* data;
+    size_t bytes;
+  };
+  const Args& a_;
+  size_t es_, lead_;
+  std::vector<Out> outs_;
+};
+
 int run_fwd(const Args& a) {
   const DType dt = dtype_of(a.dtype);
-  const size_t es = elem_size(dt);
   const auto gs = parse_groups(a.groups);
   moka::cuda::KronMixParams p{};
   p.dtype = dt;
@@ -190,8 +222,6 @@ int run_fwd(const Args& a) {
   p.in = gs[0].na * gs[0].nb;
   p.out = gs[0].ma * gs[0].mb;
   p.n_groups = int(gs.size());
-  const long long xs = a.x_stride < 0 ? p.in : a.x_stride, ys = a.y_stride < 0 ? p.out : a.y_stride;
-  const long long bs = a.base_stride < 0 ? p.out : a.base_stride;
   int off = 0;
   for (size_t j = 0; j < gs.size(); ++j) {
     const Group& g = gs[j];
@@ -201,37 +231,28 @@ int run_fwd(const Args& a) {
   const char* why = moka::cuda::kron_mix_fused_unsupported(p);
   std::printf("verdict: %s\n", why ? why : "ok");
   if (a.verdict_only) return 0;
-  const bool dry = a.dry_run;
-  const size_t lead = size_t(a.offset) * es;
-  // A dry run validates launches only: no buffer is allocated or touched.
-  auto in = [&](const std::string& name, size_t bytes) -> unsigned char* {
-    return dry ? dry_run_pointer() : read_input(a, name, lead + bytes) + lead;
-  };
-  auto flat = [&](size_t elems) { return elems * es; };
-  p.x = in("x", strided_bytes(a.tokens, p.in, xs, es));
-  p.x_row_stride = xs;
+  Buffers b(a, elem_size(dt));
+  p.x_row_stride = a.x_stride < 0 ? p.in : a.x_stride;
+  p.x = b.in("x", b.rows(a.tokens, p.in, p.x_row_stride));
   for (size_t j = 0; j < gs.size(); ++j) {
     const Group& g = gs[j];
-    p.groups[j].A = in("A" + std::to_string(j), flat(size_t(g.r) * g.ma * g.na));
-    p.groups[j].B = in("B" + std::to_string(j), flat(size_t(g.r) * g.mb * g.nb));
+    p.groups[j].A = b.in("A" + std::to_string(j), b.flat(size_t(g.r) * g.ma * g.na));
+    p.groups[j].B = b.in("B" + std::to_string(j), b.flat(size_t(g.r) * g.mb * g.nb));
   }
-  p.gates = in("gates", flat(off));
+  p.gates = b.in("gates", b.flat(off));
   if (a.base) {
-    p.base = in("base", strided_bytes(a.tokens, p.out, bs, es));
-    p.base_row_stride = bs;
+    p.base_row_stride = a.base_stride < 0 ? p.out : a.base_stride;
+    p.base = b.in("base", b.rows(a.tokens, p.out, p.base_row_stride));
   }
-  const size_t ybytes = lead + strided_bytes(a.tokens, p.out, ys, es);
-  unsigned char* y = dry ? dry_run_pointer() : new_output(ybytes);
-  p.y = dry ? y : y + lead;
-  p.y_row_stride = ys;
+  p.y_row_stride = a.y_stride < 0 ? p.out : a.y_stride;
+  p.y = b.out("y", b.rows(a.tokens, p.out, p.y_row_stride));
   const cudaError_t err = moka::cuda::kron_mix_fused_forward(p, nullptr);
-  if (err == cudaSuccess && !dry) write_output(a, "y", y, ybytes);
+  if (err == cudaSuccess) b.write_outputs();
   return finish(err);
 }
 
 int run_grad(const Args& a) {
   const DType dt = dtype_of(a.dtype);
-  const size_t es = elem_size(dt);
   const auto gs = parse_groups(a.groups);
   moka::cuda::KronGradParams p{};
   p.dtype = dt;
@@ -239,7 +260,6 @@ int run_grad(const Args& a) {
   p.in = gs[0].na * gs[0].nb;
   p.out = gs[0].ma * gs[0].mb;
   p.n_groups = int(gs.size());
-  const long long xs = a.x_stride < 0 ? p.in : a.x_stride, gys = a.gy_stride < 0 ? p.out : a.gy_stride;
   int off = 0;
   for (size_t j = 0; j < gs.size(); ++j) {
     const Group& g = gs[j];
@@ -249,48 +269,28 @@ int run_grad(const Args& a) {
   const char* why = moka::cuda::kron_mix_fused_grad_unsupported(p);
   std::printf("verdict: %s\n", why ? why : "ok");
   if (a.verdict_only) return 0;
-  const bool dry = a.dry_run;
-  const size_t lead = size_t(a.offset) * es;
-  // A dry run validates launches only: no buffer is allocated or touched.
-  auto in = [&](const std::string& name, size_t bytes) -> unsigned char* {
-    return dry ? dry_run_pointer() : read_input(a, name, lead + bytes) + lead;
-  };
-  auto flat = [&](size_t elems) { return elems * es; };
-  p.x = in("x", strided_bytes(a.tokens, p.in, xs, es));
-  p.x_row_stride = xs;
-  p.grad_y = in("gy", strided_bytes(a.tokens, p.out, gys, es));
-  p.grad_y_row_stride = gys;
-  // Outputs: (buffer with its prefix, bytes with the prefix).
-  auto out = [&](size_t bytes) -> std::pair<unsigned char*, size_t> {
-    return {dry ? dry_run_pointer() : new_output(lead + bytes), lead + bytes};
-  };
-  auto ptr = [&](const std::pair<unsigned char*, size_t>& o) { return dry ? o.first : o.first + lead; };
-  std::vector<std::pair<unsigned char*, size_t>> dA(gs.size()), dB(gs.size());
+  Buffers b(a, elem_size(dt));
+  p.x_row_stride = a.x_stride < 0 ? p.in : a.x_stride;
+  p.x = b.in("x", b.rows(a.tokens, p.in, p.x_row_stride));
+  p.grad_y_row_stride = a.gy_stride < 0 ? p.out : a.gy_stride;
+  p.grad_y = b.in("gy", b.rows(a.tokens, p.out, p.grad_y_row_stride));
   for (size_t j = 0; j < gs.size(); ++j) {
     const Group& g = gs[j];
-    const size_t na = flat(size_t(g.r) * g.ma * g.na), nb = flat(size_t(g.r) * g.mb * g.nb);
-    p.groups[j].A = in("A" + std::to_string(j), na);
-    p.groups[j].Bt = in("Bt" + std::to_string(j), nb);
-    dA[j] = out(na);
-    dB[j] = out(nb);
-    p.groups[j].dA = ptr(dA[j]);
-    p.groups[j].dB = ptr(dB[j]);
+    const size_t na = b.flat(size_t(g.r) * g.ma * g.na), nb = b.flat(size_t(g.r) * g.mb * g.nb);
+    p.groups[j].A = b.in("A" + std::to_string(j), na);
+    p.groups[j].Bt = b.in("Bt" + std::to_string(j), nb);
+    p.groups[j].dA = b.out("dA" + std::to_string(j), na);
+    p.groups[j].dB = b.out("dB" + std::to_string(j), nb);
   }
-  p.gates = in("gates", flat(off));
-  const auto dg = out(flat(off));
-  p.grad_gates = ptr(dg);
+  p.gates = b.in("gates", b.flat(off));
+  p.grad_gates = b.out("dg", b.flat(off));
   const size_t ws_bytes = moka::cuda::kron_mix_fused_grad_workspace_bytes(p);
   std::printf("workspace: %zu\n", ws_bytes);
-  // The workspace is the kernel's own: 16-byte aligned, as cudaMalloc's.
-  unsigned char* ws = dry ? dry_run_pointer() : new_output(ws_bytes);
+  // The workspace is the kernel's own, 16-byte aligned as cudaMalloc's, and
+  // poisoned like the outputs.
+  void* ws = a.dry_run ? dry_run_pointer() : new_output(ws_bytes);
   const cudaError_t err = moka::cuda::kron_mix_fused_grad_factors(p, ws, ws_bytes, nullptr);
-  if (err == cudaSuccess && !dry) {
-    for (size_t j = 0; j < gs.size(); ++j) {
-      write_output(a, "dA" + std::to_string(j), dA[j].first, dA[j].second);
-      write_output(a, "dB" + std::to_string(j), dB[j].first, dB[j].second);
-    }
-    write_output(a, "dg", dg.first, dg.second);
-  }
+  if (err == cudaSuccess) b.write_outputs();
   return finish(err);
 }
 
