@@ -231,6 +231,7 @@ def _selftest(sim, name, seed=0):
     ("divergent_barrier", "different __syncthreads"),
     ("exit_before_barrier", "exited threads never reach"),
     ("partial_warp_shuffle", "warp collective is missing lanes"),
+    ("divergent_mma", "while other lanes are at mma.sync"),
     ("smem_overrun", "heap-buffer-overflow"),
 ])
 def test_simulator_reports_defects(sim, name, message):

@@ -347,6 +347,17 @@ __global__ void partial_warp_shuffle_kernel(float* out) {
   if (threadIdx.x % 32 < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
 }
 
+__global__ void divergent_mma_kernel(float* out) {
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  if (threadIdx.x % 32 < 16) {
+    moka::cuda::ptx::mma_m16n8k16<__half>(d, a, b);
+  } else {
+    moka::cuda::ptx::mma_m16n8k16<__half>(d, a, b);
+  }
+  out[threadIdx.x] = d[0];
+}
+
 __global__ void smem_overrun_kernel(float* out) {
   MOKA_DYNAMIC_SHARED(smem);
   float* s = reinterpret_cast<float*>(smem);
@@ -426,6 +437,7 @@ int selftest(const Args& a) {
   if (a.name == "divergent_barrier") k = divergent_barrier_kernel;
   else if (a.name == "exit_before_barrier") k = exit_before_barrier_kernel;
   else if (a.name == "partial_warp_shuffle") k = partial_warp_shuffle_kernel;
+  else if (a.name == "divergent_mma") k = divergent_mma_kernel;
   else if (a.name == "smem_overrun") k = smem_overrun_kernel;
   else if (a.name == "uninitialized_smem") k = uninitialized_smem_kernel;
   else if (a.name == "missing_barrier") k = missing_barrier_kernel;
