@@ -120,6 +120,29 @@ def test_factor_gradients_and_reduce(sim, name, dtype):
     assert kernels == ["kron_mix_grad_factors_kernel", "kron_mix_grad_reduce_kernel"]
 
 
+def random_case(op: str, seed: int) -> Case:
+    """A random problem within the fused kernels' limits: 1 to 4 groups that
+    factor the same layer differently, any dims, any token count."""
+    import random
+
+    rng = random.Random(seed)
+    ma, mb, na, nb = (rng.randint(1, 24) for _ in range(4))
+    out_f, in_f = ma * mb, na * nb
+    divisors = lambda n: [d for d in range(1, n + 1) if n % d == 0 and d <= 128 and n // d <= 128]  # noqa: E731
+    groups = [(rng.randint(1, 3), ma, na, mb, nb)]
+    for _ in range(rng.randint(0, 3)):
+        a, b = rng.choice(divisors(out_f)), rng.choice(divisors(in_f))
+        groups.append((rng.randint(1, 3), a, b, out_f // a, in_f // b))
+    dtype = rng.choice(LOW)
+    return Case(op, dtype, rng.randint(1, 70), groups, offset=rng.choice([0, 0, 1]), seed=seed, data_seed=seed)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("op", ["fwd", "dx", "grad"])
+def test_random_shapes(sim, op, seed):
+    check(random_case(op, 1000 + seed), sim)
+
+
 def test_forward_without_and_with_base_differ_by_base(sim):
     # The base epilogue adds base exactly once (the reference check above
     # bounds it; this pins that a dropped base cannot hide in the tolerance).
