@@ -12,6 +12,7 @@ each accepted shape launching. `pytest -m cuda_sim` runs exactly these.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 
 import pytest
@@ -44,8 +45,8 @@ def _smollm2(out_f: int, in_f: int) -> list:
     return [(1, *s) for s in choose_shapes(out_f, in_f, 4)]
 
 
-# In 24 x 24 layers, all eight factorizations with every dim > 1 or an outer
-# product: eight groups of different shapes and r.
+# Eight different factorizations of a 24 x 24 layer (the two outer products,
+# with 1 x 24 and 24 x 1 factors, among them) as eight groups, r from 1 to 3.
 _G24 = [(1, 2, 3, 12, 8), (2, 3, 2, 8, 12), (1, 4, 6, 6, 4), (3, 6, 4, 4, 6),
         (1, 8, 12, 3, 2), (2, 12, 8, 2, 3), (1, 1, 24, 24, 1), (1, 24, 1, 1, 24)]
 
@@ -123,12 +124,13 @@ def test_factor_gradients_and_reduce(sim, name, dtype):
 def random_case(op: str, seed: int) -> Case:
     """A random problem within the fused kernels' limits: 1 to 4 groups that
     factor the same layer differently, any dims, any token count."""
-    import random
-
     rng = random.Random(seed)
     ma, mb, na, nb = (rng.randint(1, 24) for _ in range(4))
     out_f, in_f = ma * mb, na * nb
-    divisors = lambda n: [d for d in range(1, n + 1) if n % d == 0 and d <= 128 and n // d <= 128]  # noqa: E731
+
+    def divisors(n):
+        return [d for d in range(1, n + 1) if n % d == 0 and d <= 128 and n // d <= 128]
+
     groups = [(rng.randint(1, 3), ma, na, mb, nb)]
     for _ in range(rng.randint(0, 3)):
         a, b = rng.choice(divisors(out_f)), rng.choice(divisors(in_f))
