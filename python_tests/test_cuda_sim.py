@@ -258,6 +258,8 @@ def _selftest(sim, name, seed=0):
     ("partial_warp_shuffle", "warp collective is missing lanes"),
     ("divergent_mma", "while other lanes are at mma.sync"),
     ("smem_overrun", "heap-buffer-overflow"),
+    ("global_overrun", "heap-buffer-overflow"),
+    ("misaligned_vector_load", "misaligned address"),
 ])
 def test_simulator_reports_defects(sim, name, message):
     proc = _selftest(sim, name)

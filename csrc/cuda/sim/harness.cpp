@@ -365,6 +365,16 @@ __global__ void smem_overrun_kernel(float* out) {
   out[threadIdx.x] = 0.f;
 }
 
+__global__ void global_overrun_kernel(float* out) {
+  out[threadIdx.x + blockDim.x + 1] = 0.f;  // out holds 2 x blockDim.x floats
+}
+
+__global__ void misaligned_vector_load_kernel(float* out) {
+  MOKA_DYNAMIC_SHARED(smem);
+  const uint4 v = *reinterpret_cast<const uint4*>(smem + 2);  // 16-byte load, 2-byte aligned
+  out[threadIdx.x] = float(v.x);
+}
+
 __global__ void uninitialized_smem_kernel(float* out) {
   MOKA_DYNAMIC_SHARED(smem);
   out[threadIdx.x] = reinterpret_cast<float*>(smem)[threadIdx.x];
@@ -439,6 +449,8 @@ int selftest(const Args& a) {
   else if (a.name == "partial_warp_shuffle") k = partial_warp_shuffle_kernel;
   else if (a.name == "divergent_mma") k = divergent_mma_kernel;
   else if (a.name == "smem_overrun") k = smem_overrun_kernel;
+  else if (a.name == "global_overrun") k = global_overrun_kernel;
+  else if (a.name == "misaligned_vector_load") k = misaligned_vector_load_kernel;
   else if (a.name == "uninitialized_smem") k = uninitialized_smem_kernel;
   else if (a.name == "missing_barrier") k = missing_barrier_kernel;
   else if (a.name == "ldmatrix_fragment") k = ldmatrix_fragment_kernel;
