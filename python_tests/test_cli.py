@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from _main_job import TINY_RUN, metrics, run_moka, subprocess_env, use_private_cache, REPO
@@ -153,7 +154,7 @@ def test_unwritable_output_dir(tmp_path, capsys):
     _fails(["finetune", *TINY_RUN, *STEPS, "--output-dir", str(blocker / "out")], capsys, "not a directory")
 
 
-def test_layer_shape_that_does_not_factor(tmp_path, capsys):
+def test_prime_sized_layers_train_with_the_best_valid_factorization(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from moka_ext.finetune.models import _tiny_tokenizer
@@ -161,13 +162,14 @@ def test_layer_shape_that_does_not_factor(tmp_path, capsys):
     model_dir = tmp_path / "prime-llama"
     tok = _tiny_tokenizer()
     # 131 is prime: the MLP projections (131 x 64, 64 x 131) have no Kronecker factorization
-    # with every factor dimension at least 2.
+    # with every factor dimension at least 2; "auto" falls back to 1 x n factors and warns.
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=131, num_hidden_layers=1,
                                  num_attention_heads=1, num_key_value_heads=1)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = tmp_path / "out"
-    _fails(["finetune", *TINY_RUN, *STEPS, "--model", str(model_dir), "--output-dir", str(out)], capsys, "131")
-    assert not out.exists()
+    with pytest.warns(UserWarning, match=r"a 131 x 64 layer .*best valid factorization"):
+        assert cli.main(["finetune", *TINY_RUN, *STEPS, "--model", str(model_dir), "--output-dir", str(out)]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_resume_refuses_another_configuration_and_a_used_dir(finished_run, capsys):
@@ -263,3 +265,27 @@ def test_moka_command_output_has_no_optional_kernel_notice():
     proc = run_moka("info")
     assert proc.returncode == 0, proc.stderr
     assert "kernels-community" not in proc.stdout + proc.stderr
+
+
+def test_resume_reads_a_checkpoint_with_unnamed_adapter_keys(finished_run, tmp_path):
+    """Checkpoints written when a MoKA layer held one unnamed adapter name its tensors
+    ``...q_proj.moka_A.0``; --resume maps them onto the named adapter ``default`` (a run in
+    progress survives the upgrade). The resumed run's final adapter equals the original's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "legacy"
+    shutil.copytree(finished_run, run)
+    ckpt = run / "checkpoint" / "trainable.safetensors"
+    named = load_file(ckpt)
+    unnamed = {k.replace(".default", ""): v for k, v in named.items()}
+    assert set(unnamed) != set(named) and any(k.endswith(".moka_A.0") for k in unnamed)
+    save_file(unnamed, ckpt)
+    args = ["finetune", *TINY_RUN, *STEPS, "--save-steps", "2", "--output-dir", str(run), "--resume"]
+    assert cli.main(args) == 0
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    want = load_file(finished_run / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

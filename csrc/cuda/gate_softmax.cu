@@ -3,6 +3,7 @@
 // float32 (float64 for float64). Torch-free; driven through csrc/kron_mix.h.
 // NaN anywhere in a row makes the whole row NaN, as on CPU.
 #include "../kron_mix.h"
+#include "launch.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -85,18 +86,18 @@ int64_t blocks_for(int64_t rows) { return (rows + kRowsPerBlock - 1) / kRowsPerB
 
 template <typename T>
 cudaError_t fwd(const void* in, void* out, int64_t rows, int64_t n, double inv_t, cudaStream_t st) {
-  gate_softmax_fwd_kernel<T><<<static_cast<unsigned>(blocks_for(rows)), 32 * kRowsPerBlock, 0, st>>>(
-      static_cast<const T*>(in), static_cast<T*>(out), rows, n,
+  return launch_kernel(
+      "gate_softmax_fwd_kernel", gate_softmax_fwd_kernel<T>, dim3(static_cast<unsigned>(blocks_for(rows))),
+      dim3(32 * kRowsPerBlock), 0, st, static_cast<const T*>(in), static_cast<T*>(out), rows, n,
       static_cast<typename Acc<T>::type>(inv_t));
-  return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t bwd(const void* g, const void* s, void* d, int64_t rows, int64_t n, double inv_t, cudaStream_t st) {
-  gate_softmax_bwd_kernel<T><<<static_cast<unsigned>(blocks_for(rows)), 32 * kRowsPerBlock, 0, st>>>(
-      static_cast<const T*>(g), static_cast<const T*>(s), static_cast<T*>(d), rows, n,
-      static_cast<typename Acc<T>::type>(inv_t));
-  return cudaGetLastError();
+  return launch_kernel(
+      "gate_softmax_bwd_kernel", gate_softmax_bwd_kernel<T>, dim3(static_cast<unsigned>(blocks_for(rows))),
+      dim3(32 * kRowsPerBlock), 0, st, static_cast<const T*>(g), static_cast<const T*>(s),
+      static_cast<T*>(d), rows, n, static_cast<typename Acc<T>::type>(inv_t));
 }
 
 }  // namespace

@@ -17,6 +17,8 @@
 //
 // The factor gradients (second half of this file) use the same tiles.
 #include "../kron_mix.h"
+#include "launch.cuh"
+#include "ptx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,6 +36,9 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kS2TilesM = 2, kS2TilesN = 8;
 // Stage 1 (transient accumulator) per warp: 2 x 4 tiles = 32 x 32.
 constexpr int kS1TilesM = 2, kS1TilesN = 4;
+// CUDA's grid limits, which every planner checks so that what it accepts launches.
+constexpr int64_t kMaxGridX = 0x7fffffff;
+constexpr int64_t kMaxGridYZ = 65535;
 
 __host__ __device__ inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
@@ -77,38 +82,6 @@ template <typename T>
 __device__ inline float unpack_lo(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w & 0xffffu)); }
 template <typename T>
 __device__ inline float unpack_hi(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w >> 16)); }
-
-// D += A(16x16, row) * B(16x8, col), float32 accumulate.
-template <typename T>
-__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-
-template <>
-__device__ inline void mma_16816<__nv_bfloat16>(
-    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();  // the extension is only built for sm_80 and newer
-#endif
-}
-
-template <>
-__device__ inline void mma_16816<__half>(
-    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();
-#endif
-}
 
 // Fragment loads from a row-major [rows][ld] 16-bit tile whose k (column)
 // index is contiguous. PTX m16n8k16 layout, gid = lane / 4, tig = lane % 4:
@@ -202,7 +175,7 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     kron_mix_fused_fwd_kernel(const KronMixParams p, const FusedPlan plan) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOKA_DYNAMIC_SHARED(smem_raw);
   float* ys = reinterpret_cast<float*>(smem_raw);
   T* xs = reinterpret_cast<T*>(ys + plan.ys_elems);
   T* as = xs + plan.xs_elems;
@@ -278,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int i = 0; i < kS1TilesM; ++i)
 #pragma unroll
             for (int jn = 0; jn < kS1TilesN; ++jn)
-              if (bm + 16 * i < mb16 && bn + 8 * jn < n1) mma_16816<T>(acc1[i][jn], af[i], bf[jn]);
+              if (bm + 16 * i < mb16 && bn + 8 * jn < n1) ptx::mma_m16n8k16<T>(acc1[i][jn], af[i], bf[jn]);
         }
         // Scatter g * Z^T[d][(t, a)] to Zs[(t*mb + d)][a].
 #pragma unroll
@@ -328,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int jn = 0; jn < kS2TilesN; ++jn)
             if (wm * 32 + 16 * i < ma16 && wn * 64 + 8 * jn < n2)
-              mma_16816<T>(acc2[i][jn], af[i], bf[jn]);
+              ptx::mma_m16n8k16<T>(acc2[i][jn], af[i], bf[jn]);
       }
       __syncthreads();  // As, Bs and Zs are reloaded by the next component
     }
@@ -462,9 +435,11 @@ const char* make_plan(const KronMixParams& p, FusedPlan* plan) {
   if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
   const size_t limit = static_cast<size_t>(max_dynamic_smem());
   for (; tt >= 1; --tt) {
-    if (smem_bytes(p, tt, plan) <= limit) return nullptr;
+    if (smem_bytes(p, tt, plan) <= limit) break;
   }
-  return "the factor shapes need more shared memory than the device has";
+  if (tt < 1) return "the factor shapes need more shared memory than the device has";
+  if ((p.tokens + tt - 1) / tt > kMaxGridX) return "too many tokens for one launch (grid.x)";
+  return nullptr;
 }
 
 template <typename T>
@@ -482,8 +457,9 @@ cudaError_t launch(const KronMixParams& p, const FusedPlan& plan, cudaStream_t s
     if (dev >= 0 && dev < 64) configured[dev] = true;
   }
   const int64_t blocks = (p.tokens + plan.tt - 1) / plan.tt;
-  kron_mix_fused_fwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, plan.smem_bytes, stream>>>(p, plan);
-  return cudaGetLastError();
+  return launch_kernel(
+      "kron_mix_fused_fwd_kernel", kron_mix_fused_fwd_kernel<T>, dim3(static_cast<unsigned>(blocks)),
+      dim3(kThreads), plan.smem_bytes, stream, p, plan);
 }
 
 }  // namespace
@@ -494,7 +470,6 @@ cudaError_t kron_mix_fused_forward(const KronMixParams& p, cudaStream_t stream) 
   FusedPlan plan;
   if (make_plan(p, &plan) != nullptr) return cudaErrorNotSupported;
   if (p.tokens == 0) return cudaSuccess;
-  if ((p.tokens + plan.tt - 1) / plan.tt > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, plan, stream)
                                      : launch<__half>(p, plan, stream);
 }
@@ -621,7 +596,7 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     kron_mix_grad_factors_kernel(const KronGradParams p, const GradPlan plan, float* __restrict__ ws) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOKA_DYNAMIC_SHARED(smem_raw);
   T* ls = reinterpret_cast<T*>(smem_raw);
   T* fs = ls + plan.ls_elems;
   T* qs = fs + plan.fs_elems;
@@ -697,7 +672,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < kS1TilesM; ++i)
 #pragma unroll
           for (int jn = 0; jn < kS1TilesN; ++jn)
-            if (bm + 16 * i < n1_16 && bn + 8 * jn < job.s) mma_16816<T>(acc1[i][jn], af[i], bf[jn]);
+            if (bm + 16 * i < n1_16 && bn + 8 * jn < job.s) ptx::mma_m16n8k16<T>(acc1[i][jn], af[i], bf[jn]);
       }
       // Scatter to Qs[i][t*s + l].
 #pragma unroll
@@ -738,7 +713,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kS2TilesM; ++i)
 #pragma unroll
         for (int jn = 0; jn < kS2TilesN; ++jn)
-          if (wm * 32 + 16 * i < p16 && wn * 64 + 8 * jn < job.u) mma_16816<T>(acc2[i][jn], af[i], bf[jn]);
+          if (wm * 32 + 16 * i < p16 && wn * 64 + 8 * jn < job.u) ptx::mma_m16n8k16<T>(acc2[i][jn], af[i], bf[jn]);
     }
   }
 
@@ -827,6 +802,9 @@ const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
     if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
         g.nb > kFusedMaxFactorDim)
       return "a factor dimension exceeds the fused kernel's limit (128)";
+    // One grid row per (component, kind) job: grid.y.
+    if (2 * (int64_t(q.components) + g.r) > kMaxGridYZ)
+      return "more components than the factor-gradient grid takes (32767)";
     q.components += g.r;
     q.per_chunk += g.r * (g.ma * g.na + g.mb * g.nb);
   }
@@ -854,7 +832,7 @@ const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
   if (tt < 1) return "the factor shapes need more shared memory than the device has";
   q.tt = tt;
   const int64_t tiles = (p.tokens + tt - 1) / tt;
-  if (tiles > 0x7fffffff) return "too many tokens";
+  if (tiles > kMaxGridX) return "too many tokens";
   q.tiles = static_cast<int>(tiles);
   // About two CTAs per SM over all jobs; never more chunks than tiles.
   const int jobs = 2 * q.components;
@@ -878,13 +856,14 @@ cudaError_t launch_grad(const KronGradParams& p, const GradPlan& plan, float* ws
     if (dev >= 0 && dev < 64) configured[dev] = true;
   }
   if (plan.n_chunks > 0) {
-    kron_mix_grad_factors_kernel<T>
-        <<<dim3(plan.n_chunks, 2 * plan.components), kThreads, plan.smem_bytes, stream>>>(p, plan, ws);
-    err = cudaGetLastError();
+    err = launch_kernel(
+        "kron_mix_grad_factors_kernel", kron_mix_grad_factors_kernel<T>,
+        dim3(plan.n_chunks, 2 * plan.components), dim3(kThreads), plan.smem_bytes, stream, p, plan, ws);
     if (err != cudaSuccess) return err;
   }
-  kron_mix_grad_reduce_kernel<T><<<dim3(plan.components, 2), kThreads, 0, stream>>>(p, plan, ws);
-  return cudaGetLastError();
+  return launch_kernel(
+      "kron_mix_grad_reduce_kernel", kron_mix_grad_reduce_kernel<T>, dim3(plan.components, 2),
+      dim3(kThreads), 0, stream, p, plan, static_cast<const float*>(ws));
 }
 
 }  // namespace
@@ -902,7 +881,6 @@ cudaError_t kron_mix_fused_grad_factors(
   GradPlan plan;
   if (make_grad_plan(p, &plan) != nullptr) return cudaErrorNotSupported;
   if (workspace_bytes < size_t(plan.n_chunks) * plan.per_chunk * sizeof(float)) return cudaErrorInvalidValue;
-  if (2 * plan.components > 65535) return cudaErrorInvalidConfiguration;  // grid.y
   float* ws = static_cast<float*>(workspace);
   return p.dtype == DType::kBFloat16 ? launch_grad<__nv_bfloat16>(p, plan, ws, stream)
                                      : launch_grad<__half>(p, plan, ws, stream);

@@ -4,9 +4,9 @@
 // Which implementation runs is decided here, per call:
 //  - the fused kernel (kron_mix_fused.cu) for float16/bfloat16 when the factor
 //    shapes fit it (each factor dim <= 128, <= 8 groups, shared memory);
-//  - otherwise, or with MOKA_CUDA_IMPL=cublas, the reshape-matmul path: two
-//    GEMMs per group through ATen (cuBLAS), the intermediate X B^T round-
-//    tripping through memory. float32 and float64 always take it; float32
+//  - otherwise, or with MOKA_CUDA_IMPL=cublas, the reshape-matmul path
+//    (csrc/kron_mix_matmul.cpp, device-generic): two GEMMs per group through
+//    ATen (cuBLAS), the intermediate X B^T round-tripping through memory. float32 and float64 always take it; float32
 //    GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default), which
 //    is the explicit TF32 opt-in.
 // MOKA_CUDA_IMPL=fused makes an unsupported shape an error instead of a silent
@@ -16,6 +16,7 @@
 // the reshape-matmul backward uses GEMMs and sums. No path uses atomics, so
 // gradients are deterministic on a given device.
 #include "../kron_mix.h"
+#include "../kron_mix_matmul.h"
 #include "../validate.h"
 
 #include <ATen/ATen.h>
@@ -54,20 +55,6 @@ Impl requested_impl() {
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
-
-// (tokens, width) view whose rows are strided but whose last dim is
-// contiguous, as the kernels take it; copies only when it has to.
-at::Tensor rows_of(const at::Tensor& t, int64_t tokens, int64_t width) {
-  auto r = t.reshape({tokens, width});
-  if (width > 1 && r.stride(1) != 1) r = r.contiguous();
-  return r;
-}
-
-std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t out) {
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes.back() = out;
-  return sizes;
 }
 
 std::vector<at::Tensor> contiguous_all(at::TensorList list) {
@@ -159,34 +146,6 @@ void launch_fused(
       "kron_mix fused kernel launch");
 }
 
-// The reshape-matmul forward: per group, Z = X B^T as one GEMM over all
-// tokens and components, then Y = [g_1 A_1 .. g_r A_r] Z as a second GEMM.
-// Low-precision groups are summed in float32.
-at::Tensor reshape_matmul_forward(
-    const KronMixShape& s,
-    const at::Tensor& x2d,
-    at::TensorList A,
-    at::TensorList B,
-    const at::Tensor& gates,
-    const at::Tensor* base2d) {
-  const auto dtype = x2d.scalar_type();
-  const auto acc = accumulate_dtype(dtype);
-  const int64_t T = s.tokens;
-  at::Tensor y = base2d ? base2d->to(acc, /*non_blocking=*/false, /*copy=*/true)
-                        : at::zeros({T, s.out}, x2d.options().dtype(acc));
-  for (size_t j = 0; j < s.groups.size(); ++j) {
-    const auto& g = s.groups[j];
-    auto X = x2d.reshape({T, g.na, g.nb});
-    auto Z = at::matmul(X, B[j].reshape({g.r * g.mb, g.nb}).t());  // (T, na, r*mb)
-    auto Zp = Z.view({T, g.na, g.r, g.mb}).permute({2, 1, 0, 3}).reshape({g.r * g.na, T * g.mb});
-    auto gA = A[j] * gates.narrow(0, g.gate_offset, g.r).view({g.r, 1, 1});
-    auto Acat = gA.permute({1, 0, 2}).reshape({g.ma, g.r * g.na});  // (c, (k, a))
-    auto Y = at::mm(Acat, Zp);  // (ma, (t, d))
-    y.view({T, g.ma, g.mb}).add_(Y.view({g.ma, T, g.mb}).transpose(0, 1));
-  }
-  return y.scalar_type() == dtype ? y : y.to(dtype);
-}
-
 at::Tensor forward(
     const char* op,
     const KronMixShape& s,
@@ -204,7 +163,7 @@ at::Tensor forward(
     launch_fused(s, x2d, A, B, gates, base ? &base2d : nullptr, y);
     return y.view(out_sizes(x, s.out));
   }
-  return reshape_matmul_forward(s, x2d, A, B, gates, base ? &base2d : nullptr)
+  return kron_mix_matmul_forward(s, x2d, A, B, gates, base ? &base2d : nullptr)
       .view(out_sizes(x, s.out));
 }
 
@@ -241,8 +200,7 @@ KronMixShape transposed(const KronMixShape& s) {
   return t;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
-kron_mix_backward_cuda(
+KronMixBackward kron_mix_backward_cuda(
     const at::Tensor& grad_y,
     const at::Tensor& x,
     at::TensorList A,
@@ -252,14 +210,8 @@ kron_mix_backward_cuda(
   check_like_output("kron_mix_backward", "grad_y", grad_y, x, s.out);
   c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
-  const auto acc = accumulate_dtype(dtype);
   const int64_t T = s.tokens;
-  if (T == 0) {
-    std::vector<at::Tensor> gA, gB;
-    for (const auto& a : A) gA.push_back(at::zeros_like(a));
-    for (const auto& b : B) gB.push_back(at::zeros_like(b));
-    return {at::zeros_like(x), gA, gB, at::zeros_like(gates)};
-  }
+  if (T == 0) return zero_grads(x, A, B, gates);
   const auto x2d = rows_of(x, T, s.in);
   const auto gy2d = rows_of(grad_y, T, s.out);
 
@@ -267,7 +219,6 @@ kron_mix_backward_cuda(
   const auto st = transposed(s);
   const bool fused_dx = use_fused(st, dtype, "kron_mix_backward");
   at::Tensor gx;
-  if (!fused_dx) gx = at::zeros({T, s.in}, x.options().dtype(acc));
   if (fused_dx) {
     std::vector<at::Tensor> At, Bt;  // contiguous transposed factors
     for (const auto& a : A) At.push_back(a.transpose(1, 2).contiguous());
@@ -317,30 +268,9 @@ kron_mix_backward_cuda(
     }
   }
 
-  std::vector<at::Tensor> gA, gB;
-  auto gg = at::empty({s.components}, x.options().dtype(acc));
-  for (size_t j = 0; j < s.groups.size(); ++j) {
-    const auto& g = s.groups[j];
-    auto X = x2d.reshape({T, g.na, g.nb});
-    auto dY = gy2d.reshape({T, g.ma, g.mb});
-    auto gv = gates.narrow(0, g.gate_offset, g.r);
-    // P[t, c, (k, b)] = sum_d dY[t, c, d] B_k[d, b]
-    auto P = at::mm(dY.reshape({T * g.ma, g.mb}), B[j].permute({1, 0, 2}).reshape({g.mb, g.r * g.nb}))
-                 .view({T, g.ma, g.r, g.nb});
-    // G_A[k, c, a] = sum_{t, b} P[t, c, k, b] X[t, a, b]       (ungated dA)
-    auto GA = at::einsum("tckb,tab->kca", {P, X});
-    // W[t, (k, c), b] = sum_a A_k[c, a] X[t, a, b];  G_B[k, d, b] = sum_{t, c} dY W
-    auto W = at::matmul(A[j].reshape({g.r * g.ma, g.na}), X).view({T, g.r, g.ma, g.nb});
-    auto GB = at::einsum("tcd,tkcb->kdb", {dY, W});
-    if (!fused_dx) {
-      auto gAk = A[j] * gv.view({g.r, 1, 1});
-      gx.view({T, g.na, g.nb}).add_(at::einsum("kca,tckb->tab", {gAk, P}));
-    }
-    gg.narrow(0, g.gate_offset, g.r).copy_((GA.to(acc) * A[j].to(acc)).sum({1, 2}));
-    gA.push_back((GA.to(acc) * gv.to(acc).view({g.r, 1, 1})).to(dtype));
-    gB.push_back((GB.to(acc) * gv.to(acc).view({g.r, 1, 1})).to(dtype));
-  }
-  return {gx.to(dtype).view(x.sizes()), gA, gB, gg.to(dtype)};
+  // The reshape-matmul backward for what the fused kernels decline.
+  auto g = kron_mix_matmul_backward(s, x2d, gy2d, A, B, gates, /*want_grad_x=*/!fused_dx);
+  return {(fused_dx ? gx : g.grad_x).view(x.sizes()), g.grad_A, g.grad_B, g.grad_gates};
 }
 
 at::Tensor gate_softmax_cuda(const at::Tensor& logits, double temperature) {

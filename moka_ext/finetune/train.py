@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -318,6 +319,18 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, rng_states: list, st
         _replace_dir(staged, out / CHECKPOINT)
 
 
+# MoKA parameter names of checkpoints written when a layer held one unnamed adapter
+# (``...q_proj.moka_A.0``); a model holds named adapters (``...q_proj.moka_A.default.0``).
+_UNNAMED_MOKA_KEY = re.compile(r"\.moka_(A|B)\.(\d+)$|\.moka_gate_logits$")
+
+
+def _named_adapter_key(key: str) -> str:
+    def rename(m):
+        return f".moka_{m.group(1)}.default.{m.group(2)}" if m.group(1) else ".moka_gate_logits.default"
+
+    return _UNNAMED_MOKA_KEY.sub(rename, key)
+
+
 def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> None:
     from safetensors.torch import load_file
 
@@ -325,6 +338,8 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> None:
     weights = load_file(ckpt / "trainable.safetensors")
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        weights = {_named_adapter_key(k): v for k, v in weights.items()}
     if set(weights) != expected:
         raise RunError(f"--resume: checkpoint {ckpt} holds other trainable tensors than this model "
                        f"({len(set(weights) ^ expected)} differ)")
