@@ -43,12 +43,36 @@ struct KronMixParams {
   KronGroupParams groups[kFusedMaxGroups];
 };
 
-// nullptr if the fused kernel takes `p` on the current device, else why not.
-const char* kron_mix_fused_unsupported(const KronMixParams& p);
+// The fused forward kernels. kAuto: v2 (persistent CTAs, resident factors,
+// a cp.async ring, ldmatrix; csrc/cuda/kron_mix_fused_v2.cu) when it takes the
+// problem, else v1 (one CTA per token tile; csrc/cuda/kron_mix_fused.cu),
+// which stays as the baseline of the microbenchmark and the performance model.
+enum class FusedImpl : int { kAuto = 0, kV2 = 2, kV1 = 1 };
+
+// nullptr if the fused kernel `impl` takes `p` on the current device, else why not.
+const char* kron_mix_fused_unsupported(const KronMixParams& p, FusedImpl impl = FusedImpl::kAuto);
 
 // Fused forward (tensor-core MMA for float16/bfloat16). Returns the launch
-// error, or cudaErrorNotSupported when kron_mix_fused_unsupported(p) != nullptr.
-cudaError_t kron_mix_fused_forward(const KronMixParams& p, cudaStream_t stream);
+// error, or cudaErrorNotSupported when kron_mix_fused_unsupported(p, impl) != nullptr.
+cudaError_t kron_mix_fused_forward(
+    const KronMixParams& p, cudaStream_t stream, FusedImpl impl = FusedImpl::kAuto);
+
+// What a planner chose for one launch of a kernel, as the performance model
+// (benchmarks/kernel_model.py) reads it through the simulator harness.
+struct KronLaunchPlan {
+  int tile_tokens;        // tokens per tile
+  int64_t tiles;          // token tiles of the problem
+  int64_t ctas;           // CTAs of the launch (all grid dims)
+  int threads;            // per CTA
+  int stages;             // x tiles in flight per CTA (1: loaded synchronously)
+  int factor_loads;       // times each CTA loads each factor: 1 (resident) or per tile
+  int barriers_per_tile;  // CTA barriers per token tile (all groups)
+  size_t smem_bytes;      // dynamic shared memory per CTA
+};
+
+// Fills *plan for the forward kernel `impl` would launch (kAuto: the one it
+// picks; plan->... of v1 or v2), returns nullptr, or why the kernel declines.
+const char* kron_mix_fused_plan(const KronMixParams& p, FusedImpl impl, KronLaunchPlan* plan);
 
 // Factor gradients of the backward, for float16/bfloat16, per component k of
 // group j (sums over tokens t, X_t and dY_t viewed as in the forward):
@@ -86,6 +110,9 @@ const char* kron_mix_fused_grad_unsupported(const KronGradParams& p);
 // Bytes of device workspace kron_mix_fused_grad_factors needs for `p` on the
 // current device.
 size_t kron_mix_fused_grad_workspace_bytes(const KronGradParams& p);
+
+// The factor-gradient kernel's plan (kernel = 0) or the reduce kernel's (1).
+const char* kron_mix_fused_grad_plan(const KronGradParams& p, int kernel, KronLaunchPlan* plan);
 
 cudaError_t kron_mix_fused_grad_factors(
     const KronGradParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);

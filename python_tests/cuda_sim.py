@@ -9,6 +9,7 @@ rounded inputs. test_cuda_sim.py uses it; a kernel author runs one case by hand:
     python python_tests/cuda_sim.py fwd --dtype bf16 --tokens 37 --groups 3:5:7:3:9
     python python_tests/cuda_sim.py grad --dtype f16 --tokens 9 --groups 2:16:16:16:16 --seed 2
     python python_tests/cuda_sim.py dx --dtype bf16 --tokens 5 --groups 1:24:24:24:24 --offset 1
+    python python_tests/cuda_sim.py fwd --impl v1 --dtype bf16 --tokens 37 --groups 3:5:7:3:9
 
 which prints the launches (grid, block, shared memory) and, per output, the
 first difference (token, row, column, expected, got) or that it matches;
@@ -163,6 +164,7 @@ class Case:
     seed: int = 0  # schedule seed of the simulator
     data_seed: int = 0
     arch: str = "sm_90"
+    impl: str = "auto"  # the forward kernel ("fwd", "dx"): auto (v2, else v1), v1 or v2
 
     @property
     def in_features(self) -> int:
@@ -289,6 +291,8 @@ def run(case: Case, dry_run: bool = False, verdict_only: bool = False, binary: O
         harness_op = "grad" if case.op == "grad" else "fwd"
         args = [str(binary), harness_op, "--dir", str(tmp), "--dtype", NAMES[dt], "--tokens", str(T),
                 "--offset", str(off), "--seed", str(case.seed), "--arch", case.arch]
+        if case.op != "grad":
+            args += ["--impl", case.impl]
         if case.op == "fwd":
             args += ["--groups", _groups_arg(groups)]
             if case.x_stride is not None:
@@ -456,10 +460,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="schedule seed")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--arch", choices=["sm_90", "sm_80"], default="sm_90")
+    ap.add_argument("--impl", choices=["auto", "v1", "v2"], default="auto", help="forward kernel (fwd, dx)")
     a = ap.parse_args(argv)
     groups = [tuple(int(v) for v in g.split(":")) for g in a.groups.split(",")]
     case = Case(a.op, DTYPES[a.dtype], a.tokens, groups, base=a.base, x_stride=a.x_stride, y_stride=a.y_stride,
-                offset=a.offset, seed=a.seed, data_seed=a.data_seed, arch=a.arch)
+                offset=a.offset, seed=a.seed, data_seed=a.data_seed, arch=a.arch, impl=a.impl)
     res = run(case)
     print(f"verdict: {res.verdict}")
     for ln in res.launches:

@@ -2,8 +2,11 @@
 // ATen glue around the torch-free kernels of csrc/kron_mix.h.
 //
 // Which implementation runs is decided here, per call:
-//  - the fused kernel (kron_mix_fused.cu) for float16/bfloat16 when the factor
-//    shapes fit it (each factor dim <= 128, <= 8 groups, shared memory);
+//  - the fused kernels for float16/bfloat16 when the factor shapes fit them
+//    (each factor dim <= 128, <= 8 groups, shared memory): the forward v2
+//    (kron_mix_fused_v2.cu), or v1 (kron_mix_fused.cu) for shapes whose
+//    factors do not stay resident in shared memory; MOKA_CUDA_IMPL=fused_v1
+//    forces v1, the baseline of benchmarks/cpp and benchmarks/kernel_model.py;
 //  - otherwise, or with MOKA_CUDA_IMPL=cublas, the reshape-matmul path
 //    (csrc/kron_mix_matmul.cpp, device-generic): two GEMMs per group through
 //    ATen (cuBLAS), the intermediate X B^T round-tripping through memory. float32 and float64 always take it; float32
@@ -43,14 +46,19 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-enum class Impl { kAuto, kFused, kCublas };
+enum class Impl { kAuto, kFused, kFusedV1, kCublas };
 
 Impl requested_impl() {
   const char* v = std::getenv("MOKA_CUDA_IMPL");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Impl::kAuto;
   if (std::strcmp(v, "fused") == 0) return Impl::kFused;
+  if (std::strcmp(v, "fused_v1") == 0) return Impl::kFusedV1;
   if (std::strcmp(v, "cublas") == 0) return Impl::kCublas;
-  TORCH_CHECK(false, "MOKA_CUDA_IMPL must be one of auto, fused, cublas; got '", v, "'");
+  TORCH_CHECK(false, "MOKA_CUDA_IMPL must be one of auto, fused, fused_v1, cublas; got '", v, "'");
+}
+
+cuda::FusedImpl fused_impl() {
+  return requested_impl() == Impl::kFusedV1 ? cuda::FusedImpl::kV1 : cuda::FusedImpl::kAuto;
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -116,7 +124,7 @@ const char* fused_verdict(const KronMixShape& s, at::ScalarType dtype) {
         nullptr, nullptr, static_cast<int>(g.r), static_cast<int>(g.ma), static_cast<int>(g.na),
         static_cast<int>(g.mb), static_cast<int>(g.nb), static_cast<int>(g.gate_offset)};
   }
-  return cuda::kron_mix_fused_unsupported(p);
+  return cuda::kron_mix_fused_unsupported(p, fused_impl());
 }
 
 bool use_fused(const KronMixShape& s, at::ScalarType dtype, const char* op) {
@@ -124,7 +132,7 @@ bool use_fused(const KronMixShape& s, at::ScalarType dtype, const char* op) {
   if (impl == Impl::kCublas) return false;
   const char* why = fused_verdict(s, dtype);
   TORCH_CHECK(
-      why == nullptr || impl != Impl::kFused,
+      why == nullptr || (impl != Impl::kFused && impl != Impl::kFusedV1),
       op, ": MOKA_CUDA_IMPL=fused, but ", why, " (dtype ", dtype, ", in=", s.in,
       ", out=", s.out, ", groups=", s.groups.size(), ")");
   return why == nullptr;
@@ -142,7 +150,7 @@ void launch_fused(
   const auto gc = gates.contiguous();
   const auto p = fused_params(s, x2d, Ac, Bc, gc, base2d, y2d);
   check_cuda(
-      cuda::kron_mix_fused_forward(p, at::cuda::getCurrentCUDAStream()),
+      cuda::kron_mix_fused_forward(p, at::cuda::getCurrentCUDAStream(), fused_impl()),
       "kron_mix fused kernel launch");
 }
 

@@ -11,6 +11,9 @@
 //
 //   moka_sim fwd      --dtype bf16 --tokens T --groups r:ma:na:mb:nb[,...] [--base]
 //                     [--x-stride S] [--y-stride S] [--base-stride S] [--offset E]
+//                     [--impl auto|v1|v2]
+//   moka_sim plan     --tokens T --groups ... [--impl ...]  (the planners' launch plans of the
+//                     forward and the factor gradients as JSON lines, for benchmarks/kernel_model.py)
 //   moka_sim grad     --dtype f16 --tokens T --groups ... [--x-stride S] [--gy-stride S] [--offset E]
 //   moka_sim softmax_fwd | softmax_bwd --dtype f32 --rows R --n N --inv-temp V
 //   moka_sim limits   --grid x,y,z --block x,y,z --smem N [--opt-in N]   (a trivial kernel)
@@ -34,7 +37,7 @@ namespace {
 using moka::cuda::DType;
 
 struct Args {
-  std::string op, dir = ".", dtype = "bf16", groups;
+  std::string op, dir = ".", dtype = "bf16", groups, impl = "auto";
   long long tokens = 0, x_stride = -1, y_stride = -1, base_stride = -1, gy_stride = -1, offset = 0;
   long long rows = 0, n = 0, smem = 0, opt_in = -1;
   dim3 grid{1, 1, 1}, block{1, 1, 1};
@@ -67,6 +70,7 @@ Args parse(int argc, char** argv) {
     if (k == "--dir") a.dir = val();
     else if (k == "--dtype") a.dtype = val();
     else if (k == "--groups") a.groups = val();
+    else if (k == "--impl") a.impl = val();
     else if (k == "--tokens") a.tokens = std::atoll(val());
     else if (k == "--x-stride") a.x_stride = std::atoll(val());
     else if (k == "--y-stride") a.y_stride = std::atoll(val());
@@ -213,6 +217,53 @@ class Buffers {
   std::vector<Out> outs_;
 };
 
+moka::cuda::FusedImpl impl_of(const std::string& s) {
+  if (s == "auto") return moka::cuda::FusedImpl::kAuto;
+  if (s == "v1") return moka::cuda::FusedImpl::kV1;
+  if (s == "v2") return moka::cuda::FusedImpl::kV2;
+  usage("--impl must be auto, v1 or v2");
+}
+
+void print_plan(const char* kernel, const char* impl, const char* why, const moka::cuda::KronLaunchPlan& q) {
+  if (why != nullptr) {
+    std::printf("{\"kernel\": \"%s\", \"version\": \"%s\", \"declined\": \"%s\"}\n", kernel, impl, why);
+    return;
+  }
+  std::printf(
+      "{\"kernel\": \"%s\", \"version\": \"%s\", \"tile_tokens\": %d, \"tiles\": %lld, \"ctas\": %lld, "
+      "\"threads\": %d, \"stages\": %d, \"factor_loads\": %d, \"barriers_per_tile\": %d, "
+      "\"smem_bytes\": %zu}\n",
+      kernel, impl, q.tile_tokens, (long long)q.tiles, (long long)q.ctas, q.threads, q.stages, q.factor_loads,
+      q.barriers_per_tile, q.smem_bytes);
+}
+
+// The launch plans of the forward (v1 and v2) and of the factor-gradient and
+// reduce kernels for one problem on the simulated device (--arch).
+int run_plan(const Args& a) {
+  const auto gs = parse_groups(a.groups);
+  moka::cuda::KronMixParams p{};
+  moka::cuda::KronGradParams q{};
+  p.dtype = q.dtype = dtype_of(a.dtype);
+  p.tokens = q.tokens = a.tokens;
+  p.in = q.in = gs[0].na * gs[0].nb;
+  p.out = q.out = gs[0].ma * gs[0].mb;
+  p.n_groups = q.n_groups = int(gs.size());
+  int off = 0;
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    p.groups[j] = moka::cuda::KronGroupParams{nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
+    q.groups[j] = moka::cuda::KronGradGroupParams{nullptr, nullptr, nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
+    off += g.r;
+  }
+  moka::cuda::KronLaunchPlan lp{};
+  for (auto [impl, name] : {std::pair{moka::cuda::FusedImpl::kV1, "v1"}, std::pair{moka::cuda::FusedImpl::kV2, "v2"}}) {
+    print_plan("fwd", name, moka::cuda::kron_mix_fused_plan(p, impl, &lp), lp);
+  }
+  print_plan("grad_factors", "v1", moka::cuda::kron_mix_fused_grad_plan(q, 0, &lp), lp);
+  print_plan("grad_reduce", "v1", moka::cuda::kron_mix_fused_grad_plan(q, 1, &lp), lp);
+  return 0;
+}
+
 int run_fwd(const Args& a) {
   const DType dt = dtype_of(a.dtype);
   const auto gs = parse_groups(a.groups);
@@ -228,7 +279,8 @@ int run_fwd(const Args& a) {
     p.groups[j] = moka::cuda::KronGroupParams{nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
     off += g.r;
   }
-  const char* why = moka::cuda::kron_mix_fused_unsupported(p);
+  const moka::cuda::FusedImpl impl = impl_of(a.impl);
+  const char* why = moka::cuda::kron_mix_fused_unsupported(p, impl);
   std::printf("verdict: %s\n", why ? why : "ok");
   if (a.verdict_only) return 0;
   Buffers b(a, elem_size(dt));
@@ -246,7 +298,7 @@ int run_fwd(const Args& a) {
   }
   p.y_row_stride = a.y_stride < 0 ? p.out : a.y_stride;
   p.y = b.out("y", b.rows(a.tokens, p.out, p.y_row_stride));
-  const cudaError_t err = moka::cuda::kron_mix_fused_forward(p, nullptr);
+  const cudaError_t err = moka::cuda::kron_mix_fused_forward(p, nullptr, impl);
   if (err == cudaSuccess) b.write_outputs();
   return finish(err);
 }
@@ -450,6 +502,7 @@ int main(int argc, char** argv) {
   int rc;
   if (a.op == "fwd") rc = run_fwd(a);
   else if (a.op == "grad") rc = run_grad(a);
+  else if (a.op == "plan") rc = run_plan(a);
   else if (a.op == "softmax_fwd") rc = run_softmax(a, false);
   else if (a.op == "softmax_bwd") rc = run_softmax(a, true);
   else if (a.op == "limits") rc = run_limits(a);
