@@ -68,10 +68,15 @@ struct KronLaunchPlan {
   int factor_loads;       // times each CTA loads each factor: 1 (resident) or per tile
   int barriers_per_tile;  // CTA barriers per token tile (all groups)
   size_t smem_bytes;      // dynamic shared memory per CTA
+  // Per token tile, all groups and components (for the gradient kernel: all
+  // jobs), counted by walking the kernel's warp tiling: m16n8k16 MMAs, and
+  // shared-memory bytes moved (fragment loads, tile and staging writes/reads).
+  int64_t mma_per_tile;
+  int64_t smem_bytes_per_tile;
 };
 
-// Fills *plan for the forward kernel `impl` would launch (kAuto: the one it
-// picks; plan->... of v1 or v2), returns nullptr, or why the kernel declines.
+// Fills *plan for the forward kernel `impl` would launch (kAuto: the one
+// kron_mix_fused_forward picks), returns nullptr, or why the kernel declines.
 const char* kron_mix_fused_plan(const KronMixParams& p, FusedImpl impl, KronLaunchPlan* plan);
 
 // Factor gradients of the backward, for float16/bfloat16, per component k of

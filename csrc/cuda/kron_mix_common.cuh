@@ -104,6 +104,43 @@ inline int sm_count() {
   return v;
 }
 
+// Fragment bytes one warp loads for an A (16 x 16) and a B (16 x 8) operand.
+constexpr int kFragABytes = 16 * 16 * 2, kFragBBytes = 16 * 8 * 2;
+
+struct TileCounts {
+  int64_t mma = 0, smem = 0;
+};
+
+// One GEMM of the kernels' warp tiling on shared-memory operands: warps walk
+// (tm x tn)-tile warp tiles of mma tiles (16 x 8) over M x N (warp tile
+// (wt % ntm, wt / ntm) for stage 1; fixed per warp for stage 2), each k step
+// loading its valid A and B fragments once.
+inline void count_gemm(int m16, int n, int k16, int tm, int tn, int warp_m, int warp_n, TileCounts* c) {
+  for (int bm = 0; bm < m16; bm += warp_m)
+    for (int bn = 0; bn < n; bn += warp_n) {
+      int mi = 0, nj = 0;
+      for (int i = 0; i < tm; ++i) mi += bm + 16 * i < m16;
+      for (int j = 0; j < tn; ++j) nj += bn + 8 * j < n;
+      c->mma += int64_t(k16 / 16) * mi * nj;
+      c->smem += int64_t(k16 / 16) * (mi * kFragABytes + nj * kFragBBytes);
+    }
+}
+
+// The two stages of the forward for one group and r components over tt
+// tokens: MMAs, fragment loads and the Zs writes.
+inline void count_two_stage(int tt, int r, int ma, int na, int mb, int nb, TileCounts* c) {
+  const int ma16 = round_up(ma, 16), na16 = round_up(na, 16), mb16 = round_up(mb, 16), nb16 = round_up(nb, 16);
+  TileCounts one;
+  count_gemm(mb16, tt * na, nb16, kS1TilesM, kS1TilesN, 16 * kS1TilesM, 8 * kS1TilesN, &one);
+  one.smem += int64_t(mb) * tt * na * 2;  // Zs
+  const int n2 = tt * mb;
+  // Stage 2: warp (w % wm, w / wm) owns the 32 x 64 tile at (32 (w % wm), 64 (w / wm)); the planners'
+  // tt keeps n2 within the warps' columns.
+  count_gemm(ma16, n2, na16, kS2TilesM, kS2TilesN, 16 * kS2TilesM, 8 * kS2TilesN, &one);
+  c->mma += r * one.mma;
+  c->smem += r * one.smem;
+}
+
 }  // namespace
 
 namespace detail {

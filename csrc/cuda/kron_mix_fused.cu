@@ -414,6 +414,20 @@ const char* fused_v1_plan(const KronMixParams& p, KronLaunchPlan* out) {
   q.barriers_per_tile = 1;
   for (int j = 0; j < p.n_groups; ++j) q.barriers_per_tile += 1 + 3 * p.groups[j].r;
   q.smem_bytes = plan.smem_bytes;
+  // Per group: x and the factors written into shared memory, the two
+  // stages, the group's sum into Ys (written, and read back after group 0);
+  // the epilogue reads Ys once.
+  TileCounts c;
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGroupParams& g = p.groups[j];
+    count_two_stage(plan.tt, g.r, g.ma, g.na, g.mb, g.nb, &c);
+    c.smem += int64_t(plan.tt) * p.in * 2;
+    c.smem += int64_t(g.r) * (round_up(g.ma, 16) * round_up(g.na, 16) + round_up(g.mb, 16) * round_up(g.nb, 16)) * 2;
+    c.smem += int64_t(plan.tt) * p.out * 4 * (j == 0 ? 1 : 2);
+  }
+  c.smem += int64_t(plan.tt) * p.out * 4;
+  q.mma_per_tile = c.mma;
+  q.smem_bytes_per_tile = c.smem;
   *out = q;
   return nullptr;
 }
@@ -828,6 +842,25 @@ const char* kron_mix_fused_grad_plan(const KronGradParams& p, int kernel, KronLa
     q.factor_loads = 1;
     q.barriers_per_tile = 3;  // tile free, tile loaded, Qs written
     q.smem_bytes = plan.smem_bytes;
+    // Per tile, over all jobs: Ls and Rs written, GEMM 1 (M = tt*p, N = s,
+    // K = q), Qs written, GEMM 2 (M = p, N = u, K = tt*s).
+    TileCounts c;
+    for (int j = 0; j < p.n_groups; ++j) {
+      for (int kind = 0; kind < 2; ++kind) {
+        const GradJob job = grad_job(p, j, 0, kind);
+        TileCounts one;
+        one.smem += int64_t(plan.tt) * (job.p * job.q + job.u * job.s) * 2;
+        count_gemm(round_up(plan.tt * job.p, 16), job.s, round_up(job.q, 16), kS1TilesM, kS1TilesN,
+                   16 * kS1TilesM, 8 * kS1TilesN, &one);
+        one.smem += int64_t(plan.tt) * job.p * job.s * 2;
+        count_gemm(round_up(job.p, 16), job.u, round_up(plan.tt * job.s, 16), kS2TilesM, kS2TilesN,
+                   16 * kS2TilesM, 8 * kS2TilesN, &one);
+        c.mma += p.groups[j].r * one.mma;
+        c.smem += p.groups[j].r * one.smem;
+      }
+    }
+    q.mma_per_tile = c.mma;
+    q.smem_bytes_per_tile = c.smem;
   } else {
     q.ctas = 2 * int64_t(plan.components);
     q.tiles = plan.n_chunks;  // the reduce sums one partial per chunk

@@ -504,6 +504,19 @@ const char* kron_mix_fused_plan(const KronMixParams& p, FusedImpl impl, KronLaun
   q.barriers_per_tile = 1;
   for (int j = 0; j < p.n_groups; ++j) q.barriers_per_tile += 1 + 2 * p.groups[j].r;
   q.smem_bytes = plan.smem_bytes;
+  // Per group: x written into its ring stage, the two stages; then the
+  // output tile: 16-bit Os written and read (one group), or float32 Ys
+  // written per group, read back after group 0 and once by the epilogue.
+  TileCounts c;
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGroupParams& g = p.groups[j];
+    count_two_stage(plan.tt, g.r, g.ma, g.na, g.mb, g.nb, &c);
+    c.smem += int64_t(plan.tt) * p.in * 2;
+    if (p.n_groups > 1) c.smem += int64_t(plan.tt) * p.out * 4 * (j == 0 ? 1 : 2);
+  }
+  c.smem += int64_t(plan.tt) * p.out * (p.n_groups > 1 ? 4 : 2 * 2);
+  q.mma_per_tile = c.mma;
+  q.smem_bytes_per_tile = c.smem;
   *out = q;
   return nullptr;
 }

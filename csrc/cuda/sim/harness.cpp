@@ -232,9 +232,9 @@ void print_plan(const char* kernel, const char* impl, const char* why, const mok
   std::printf(
       "{\"kernel\": \"%s\", \"version\": \"%s\", \"tile_tokens\": %d, \"tiles\": %lld, \"ctas\": %lld, "
       "\"threads\": %d, \"stages\": %d, \"factor_loads\": %d, \"barriers_per_tile\": %d, "
-      "\"smem_bytes\": %zu}\n",
+      "\"smem_bytes\": %zu, \"mma_per_tile\": %lld, \"smem_bytes_per_tile\": %lld}\n",
       kernel, impl, q.tile_tokens, (long long)q.tiles, (long long)q.ctas, q.threads, q.stages, q.factor_loads,
-      q.barriers_per_tile, q.smem_bytes);
+      q.barriers_per_tile, q.smem_bytes, (long long)q.mma_per_tile, (long long)q.smem_bytes_per_tile);
 }
 
 // The launch plans of the forward (v1 and v2) and of the factor-gradient and
