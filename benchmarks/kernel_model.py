@@ -347,11 +347,48 @@ def run_all() -> tuple[list, list]:
     return rows, summary
 
 
+# bench_kron's layer name -> this model's shape name prefix (r appended).
+BENCH_SHAPES = {"4096x4096 A64x64 B64x64": "4096x4096_64x64_r"}
+
+
+def compare(log: Path, rows: list, summary: list) -> None:
+    """Measured (bench_kron's output, T = 8192) against the model, side by side."""
+    est = {(r["shape"], r["kernel"], r["version"]): r["est_us"] for r in rows}
+    est.update({(s["shape"], "bwd", s["version"]): s["bwd_us"] for s in summary})
+    est.update({(s["shape"], "cublas_fwd", "-"): s["cublas_fwd_us"] for s in summary})
+    est.update({(s["shape"], "dense_dw", "-"): s["dense_dw_us"] for s in summary})
+    print(f"{'shape':22} {'kernel':10} {'impl':6} {'measured us':>11} {'model us':>9} {'model/meas':>10}")
+    for line in log.read_text().splitlines():
+        if not line.startswith(("fwd ", "bwd_dx ", "bwd ")):
+            continue
+        pass_, name, rest = line[:6].strip(), line[7:39].strip(), line[39:].split()
+        if name not in BENCH_SHAPES or len(rest) < 4 or rest[1] != "8192":
+            continue
+        r, impl = int(rest[0]), rest[2]
+        shape = BENCH_SHAPES[name] + str(r)
+        try:
+            ms = float(rest[3])
+        except ValueError:
+            continue
+        kernel = {"fwd": "fwd", "bwd_dx": "dx", "bwd": "bwd"}[pass_]
+        key = (shape, "cublas_fwd", "-") if (impl == "cublas" and kernel == "fwd") else (shape, kernel, impl)
+        model_us = est.get(key)
+        if model_us is None and pass_ == "bwd":
+            model_us = est.get((shape, "bwd", "v2"))
+        if model_us is None:
+            continue
+        print(f"{shape:22} {kernel:10} {impl:6} {ms * 1e3:>11.1f} {model_us:>9.1f} {model_us / (ms * 1e3):>10.2f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="one JSON object per (kernel, version, shape)")
+    ap.add_argument("--compare", type=Path, help="bench_kron output: print measured against model")
     a = ap.parse_args(argv)
     rows, summary = run_all()
+    if a.compare:
+        compare(a.compare, rows, summary)
+        return 0
     if a.json:
         for r in rows:
             print(json.dumps(r))

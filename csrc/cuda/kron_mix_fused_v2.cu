@@ -67,11 +67,11 @@ namespace cuda {
 struct FusedPlanV2 {
   int tt, stages, ctas;
   int64_t tiles;
+  int tiles_per_cta, tiles_rem;  // CTA b walks tiles_per_cta + (b < tiles_rem) tiles
   int ys_elems;       // float32 Ys (several groups only)
   int fac_elems;      // all factors, padded
   int x_stage_elems;  // one ring stage
   int zs_elems;       // Zs, and the 16-bit output tile of a one-group problem
-  int a_off[kFusedMaxGroups], b_off[kFusedMaxGroups];
   size_t smem_bytes;
 };
 
@@ -145,6 +145,39 @@ __device__ inline void ldsm_b(uint32_t (&b)[2], const T* s, int ld, int n0, int 
   ptx::ldmatrix_x2(b, s + (n0 + (lane & 7)) * ld + k0 + (((lane >> 3) & 1) << 3));
 }
 
+// Starts loading ring item `item` of this CTA ((tile, group) = (blockIdx.x +
+// (item / G) gridDim.x, item % G)) into stage item % S, and closes its commit
+// group, empty past the last item so that the wait counts stay uniform.
+template <typename T>
+__device__ __forceinline__ void issue_item(
+    const KronMixParams& p, int tt, int stages, int stage_elems, T* ring, int item, int n_items) {
+  if (item < n_items) {
+    const int G = p.n_groups;
+    const int64_t tile = blockIdx.x + int64_t(item / G) * gridDim.x;
+    const int j = item % G;
+    const int64_t t0 = tile * tt;
+    const int nt = static_cast<int>(p.tokens - t0 < tt ? p.tokens - t0 : tt);
+    const int na = p.groups[j].na, nb = p.groups[j].nb;
+    stage_x<T>(ring + (item % stages) * stage_elems, p, t0, nt, tt, na, nb,
+               operand_ld(round_up(nb, 16)));
+  }
+  ptx::cp_async_commit();
+}
+
+// Elements of the factor slab before group j's A tiles (then its B tiles):
+// groups in order, each r padded A tiles then r padded B tiles. Computed, not
+// read from a per-group array of the plan, whose dynamic indexing would put
+// the plan on the stack.
+__host__ __device__ inline int factor_offset(const KronMixParams& p, int j) {
+  int off = 0;
+  for (int i = 0; i < j; ++i) {
+    const KronGroupParams& g = p.groups[i];
+    off += g.r * (round_up(g.ma, 16) * operand_ld(round_up(g.na, 16)) +
+                  round_up(g.mb, 16) * operand_ld(round_up(g.nb, 16)));
+  }
+  return off;
+}
+
 template <int S>
 __device__ inline void wait_for_oldest() {
   ptx::cp_async_wait<S - 2>();
@@ -168,55 +201,44 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // The factors, once per CTA; they complete with the first ring stage.
   for (int j = 0; j < G; ++j) {
-    const KronGroupParams& g = p.groups[j];
+    const KronGroupParams g = p.groups[j];
     const int ma16 = round_up(g.ma, 16), na16 = round_up(g.na, 16);
     const int mb16 = round_up(g.mb, 16), nb16 = round_up(g.nb, 16);
     const T* A = static_cast<const T*>(g.A);
     const T* B = static_cast<const T*>(g.B);
     const bool va = g.na % 8 == 0 && aligned16(A), vb = g.nb % 8 == 0 && aligned16(B);
+    T* fa = fac + factor_offset(p, j);
+    T* fb = fa + g.r * ma16 * operand_ld(na16);
     for (int k = 0; k < g.r; ++k) {
-      stage_matrix<T>(fac + plan.a_off[j] + k * ma16 * operand_ld(na16), A + int64_t(k) * g.ma * g.na,
+      stage_matrix<T>(fa + k * ma16 * operand_ld(na16), A + int64_t(k) * g.ma * g.na,
                       g.ma, g.na, ma16, na16, operand_ld(na16), va);
-      stage_matrix<T>(fac + plan.b_off[j] + k * mb16 * operand_ld(nb16), B + int64_t(k) * g.mb * g.nb,
+      stage_matrix<T>(fb + k * mb16 * operand_ld(nb16), B + int64_t(k) * g.mb * g.nb,
                       g.mb, g.nb, mb16, nb16, operand_ld(nb16), vb);
     }
   }
 
   // This CTA's items: (tile, group) for tiles blockIdx.x + n * gridDim.x.
-  const int64_t my_tiles =
-      plan.tiles > blockIdx.x ? (plan.tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-  const int64_t n_items = my_tiles * G;
-  auto issue = [&](int64_t item) {
-    if (item < n_items) {
-      const int64_t tile = blockIdx.x + (item / G) * int64_t(gridDim.x);
-      const int j = static_cast<int>(item % G);
-      const int64_t t0 = tile * tt;
-      const int nt = static_cast<int>(p.tokens - t0 < tt ? p.tokens - t0 : tt);
-      const KronGroupParams& g = p.groups[j];
-      stage_x<T>(ring + static_cast<int>(item % S) * plan.x_stage_elems, p, t0, nt, tt, g.na, g.nb,
-                 operand_ld(round_up(g.nb, 16)));
-    }
-    ptx::cp_async_commit();  // possibly empty: the wait counts stay uniform
-  };
-  for (int s = 0; s < S - 1; ++s) issue(s);
+  // 32-bit item arithmetic: the planner bounds the items per CTA.
+  const int n_items = (plan.tiles_per_cta + (int(blockIdx.x) < plan.tiles_rem ? 1 : 0)) * G;
+  for (int s = 0; s < S - 1; ++s) issue_item<T>(p, tt, S, plan.x_stage_elems, ring, s, n_items);
 
-  for (int64_t item = 0; item < n_items; ++item) {
+  for (int item = 0; item < n_items; ++item) {
     // Item `item`'s copies (and the factors) have landed for this thread;
     // the barrier makes everyone's visible and frees the stage of item - 1.
     if (S == 3) wait_for_oldest<3>(); else wait_for_oldest<2>();
     __syncthreads();
-    issue(item + S - 1);
+    issue_item<T>(p, tt, S, plan.x_stage_elems, ring, item + S - 1, n_items);
 
-    const int64_t tile = blockIdx.x + (item / G) * int64_t(gridDim.x);
-    const int j = static_cast<int>(item % G);
+    const int64_t tile = blockIdx.x + int64_t(item / G) * gridDim.x;
+    const int j = item % G;
     const int64_t t0 = tile * tt;
     const int nt = static_cast<int>(p.tokens - t0 < tt ? p.tokens - t0 : tt);
-    const KronGroupParams& g = p.groups[j];
+    const KronGroupParams g = p.groups[j];
     const int ma16 = round_up(g.ma, 16), na16 = round_up(g.na, 16);
     const int mb16 = round_up(g.mb, 16), nb16 = round_up(g.nb, 16);
     const int ldx = operand_ld(nb16), ldb = ldx, lda = operand_ld(na16), ldz = lda;
     const int n1 = tt * g.na, n2 = tt * g.mb;
-    const T* xs = ring + static_cast<int>(item % S) * plan.x_stage_elems;
+    const T* xs = ring + (item % S) * plan.x_stage_elems;
 
     // The k padding of stage 2 (columns a in [na, na16) of Zs), which stage 1
     // never writes; Zs is free here (the barrier above).
@@ -238,9 +260,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc2[i][jn][e] = 0.f;
 
+    const T* fa = fac + factor_offset(p, j);
+    const T* fb = fa + g.r * ma16 * lda;
     for (int k = 0; k < g.r; ++k) {
-      const T* as = fac + plan.a_off[j] + k * ma16 * lda;
-      const T* bs = fac + plan.b_off[j] + k * mb16 * ldb;
+      const T* as = fa + k * ma16 * lda;
+      const T* bs = fb + k * mb16 * ldb;
       const float gk = Bits<T>::to_float(gates[g.gate_offset + k]);
 
       // Stage 1: Z^T = B X^T, M = mb16 (d), N = n1 (t, a), K = nb16 (b).
@@ -404,13 +428,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 size_t v2_smem(const KronMixParams& p, int tt, int S, FusedPlanV2* q) {
   int fac = 0, xst = 0, zs = 0;
   for (int j = 0; j < p.n_groups; ++j) {
-    const KronGroupParams& g = p.groups[j];
+    const KronGroupParams g = p.groups[j];
     const int ma16 = round_up(g.ma, 16), na16 = round_up(g.na, 16);
     const int mb16 = round_up(g.mb, 16), nb16 = round_up(g.nb, 16);
-    q->a_off[j] = fac;
-    fac += g.r * ma16 * operand_ld(na16);
-    q->b_off[j] = fac;
-    fac += g.r * mb16 * operand_ld(nb16);
+    fac += g.r * (ma16 * operand_ld(na16) + mb16 * operand_ld(nb16));
     auto mx = [](int& a, int b) { a = a > b ? a : b; };
     mx(xst, round_up(tt * g.na, 8) * operand_ld(nb16));
     mx(zs, round_up(tt * g.mb, 8) * operand_ld(na16));
@@ -434,7 +455,7 @@ const char* make_plan_v2(const KronMixParams& p, FusedPlanV2* plan) {
   int tt = 1 << 30;
   int64_t fac_elems = 0;
   for (int j = 0; j < p.n_groups; ++j) {
-    const KronGroupParams& g = p.groups[j];
+    const KronGroupParams g = p.groups[j];
     if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
     if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
         g.nb > kFusedMaxFactorDim)
@@ -461,6 +482,12 @@ const char* make_plan_v2(const KronMixParams& p, FusedPlanV2* plan) {
   q.tiles = p.tokens == 0 ? 0 : (p.tokens + q.tt - 1) / q.tt;
   const int64_t sms = sm_count();
   q.ctas = static_cast<int>(q.tiles < sms ? q.tiles : sms);
+  if (q.ctas > 0) {
+    const int64_t per = q.tiles / q.ctas;
+    if ((per + 1) * p.n_groups + kMaxStages > 0x7fffffff) return "too many tokens (items per CTA)";
+    q.tiles_per_cta = static_cast<int>(per);
+    q.tiles_rem = static_cast<int>(q.tiles - per * q.ctas);
+  }
   if (plan) *plan = q;
   return nullptr;
 }
@@ -509,7 +536,7 @@ const char* kron_mix_fused_plan(const KronMixParams& p, FusedImpl impl, KronLaun
   // written per group, read back after group 0 and once by the epilogue.
   TileCounts c;
   for (int j = 0; j < p.n_groups; ++j) {
-    const KronGroupParams& g = p.groups[j];
+    const KronGroupParams g = p.groups[j];
     count_two_stage(plan.tt, g.r, g.ma, g.na, g.mb, g.nb, &c);
     c.smem += int64_t(plan.tt) * p.in * 2;
     if (p.n_groups > 1) c.smem += int64_t(plan.tt) * p.out * 4 * (j == 0 ? 1 : 2);
