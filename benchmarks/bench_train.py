@@ -33,7 +33,7 @@ import torch
 class Method(NamedTuple):
     quant: str  # quantization of the base
     label: str
-    baseline: str | None  # moka_ext.baselines method; None: LyCORIS, set up in put_adapter
+    baseline: str | None  # moka_ext.finetune.baselines method; None: LyCORIS, set up in put_adapter
     r: int | None
 
 
@@ -89,7 +89,7 @@ def put_adapter(model, method: str, quant: str):
         net.apply_to()
         net.to(next(p for p in model.parameters()).device)
         return model, list(net.parameters())
-    from moka_ext.baselines import apply_method
+    from moka_ext.finetune.baselines import apply_method
 
     m = METHODS[method]
     model = apply_method(model, m.baseline, m.r, quant)
@@ -108,7 +108,7 @@ def worker(args) -> dict:
         model = build_llama_stack(args.layers, device, compute)
         vocab = model.config.vocab_size
     else:
-        from moka_ext.models import load_model
+        from moka_ext.finetune.models import load_model
 
         model, tok = load_model(args.model, quant=quant, device=device, bf16=args.bf16)
         vocab = len(tok)

@@ -10,7 +10,7 @@ validation split of each of the eight tasks. The untrained base model is scored 
     python benchmarks/quality.py --runs moka:0,qlora:0 --steps 20 --limit 50   # a smaller study
     python benchmarks/quality.py --report             # only rebuild the table and the plot
 
-Scoring: the base weights are dequantized (``moka_ext.models.dequantize_4bit_layers``, the
+Scoring: the base weights are dequantized (``moka_ext.finetune.models.dequantize_4bit_layers``, the
 weight bitsandbytes computes with), the trained adapter is loaded onto them and merged, and the
 resulting dense model is scored: the same function as the 4-bit model with its adapter, at
 dense speed. The questions are the first ``--limit`` (default 500) of each validation split in
@@ -43,7 +43,7 @@ TASKS = ("arc_easy", "arc_challenge", "boolq", "piqa", "siqa", "hellaswag", "win
 @dataclass(frozen=True)
 class Method:
     label: str
-    method: str | None  # moka_ext.baselines method; None: the untrained base model
+    method: str | None  # moka_ext.finetune.baselines method; None: the untrained base model
     quant: str = "nf4"
     r: int = 4
     gating: bool = True
@@ -87,7 +87,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def train(name: str, seed: int, run_dir: Path, args) -> dict:
     """The trainer's metrics.json for this run, training (or resuming) it if needed."""
-    from moka_ext.train import CHECKPOINT, FinetuneConfig, finetune
+    from moka_ext.finetune.train import CHECKPOINT, FinetuneConfig, finetune
 
     m = METHODS[name]
     if (run_dir / "metrics.json").exists():
@@ -104,7 +104,7 @@ def train(name: str, seed: int, run_dir: Path, args) -> dict:
 def scoring_model(name: str, run_dir: Path):
     """The dense model that scores like the trained (or base) model, and its tokenizer."""
     import moka_ext
-    from moka_ext import baselines, models
+    from moka_ext.finetune import baselines, models
 
     m = METHODS[name]
     model, tokenizer = models.load_model("smollm2-135m", m.quant)
@@ -122,7 +122,7 @@ def scoring_model(name: str, run_dir: Path):
 
 def score(name: str, run_dir: Path, args) -> dict:
     """Per-task acc/acc_norm, resumed task by task from scores.json."""
-    from moka_ext import data, evaluate
+    from moka_ext.finetune import data, evaluate
 
     path = run_dir / "scores.json"
     scores = json.loads(path.read_text()) if path.exists() else {}
@@ -144,7 +144,7 @@ def score(name: str, run_dir: Path, args) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def expected_n(task: str, limit: int) -> int:
-    from moka_ext import data
+    from moka_ext.finetune import data
 
     return len(data.load_eval_task(task, limit or None))
 
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     runs = parse_runs(args.runs)
     import torch
 
-    from moka_ext.cli import _quiet_libraries
+    from moka_ext.finetune.cli import _quiet_libraries
 
     _quiet_libraries()
     if args.threads:

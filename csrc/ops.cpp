@@ -115,6 +115,52 @@ KronMixShape check_kron_mix_args(
   return s;
 }
 
+KronMixShape check_kron_mix_indexed_args(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& row_adapter,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates,
+    int64_t* n_adapters) {
+  TORCH_CHECK(x.defined(), op, ": x is undefined (None)");
+  TORCH_CHECK(
+      x.dim() >= 2, op, ": x must have at least 2 dims (rows, ..., in), got shape ", x.sizes());
+  TORCH_CHECK(row_adapter.defined(), op, ": row_adapter is undefined (None)");
+  TORCH_CHECK(
+      row_adapter.scalar_type() == at::kLong && row_adapter.dim() == 1 &&
+          row_adapter.size(0) == x.size(0),
+      op, ": row_adapter must be a 1-D int64 tensor with one entry per row of x (", x.size(0),
+      "), got ", row_adapter.scalar_type(), " of shape ", row_adapter.sizes());
+  TORCH_CHECK(
+      row_adapter.device() == x.device(),
+      op, ": row_adapter must be on the device of x (", x.device(), "), got ", row_adapter.device());
+  TORCH_CHECK(
+      A.size() == B.size() && !A.empty(),
+      op, ": A and B must be lists of equal length >= 1 (one entry per factor-shape group), got len(A)=",
+      A.size(), " and len(B)=", B.size());
+  TORCH_CHECK(gates.defined(), op, ": gates is undefined (None)");
+  TORCH_CHECK(
+      gates.dim() == 2 && gates.size(0) >= 1,
+      op, ": gates must be 2-D (n_adapters, sum(r)), got shape ", gates.sizes());
+  const int64_t n = gates.size(0);
+  std::vector<at::Tensor> a0, b0;
+  for (size_t j = 0; j < A.size(); ++j) {
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"A", A[j]}, {"B", B[j]}}) {
+      TORCH_CHECK(t.defined(), op, ": ", name, "[", j, "] is undefined (None)");
+      TORCH_CHECK(
+          t.dim() == 4 && t.size(0) == n,
+          op, ": ", name, "[", j, "] must be 4-D (n_adapters=", n,
+          " from gates, r, rows, cols), got shape ", t.sizes());
+    }
+    a0.push_back(A[j].select(0, 0));
+    b0.push_back(B[j].select(0, 0));
+  }
+  *n_adapters = n;
+  // One adapter's slice must be a valid kron_mix call on x (x's rows are its tokens).
+  return check_kron_mix_args(op, x, a0, b0, gates.select(0, 0));
+}
+
 void check_like_output(
     const char* op,
     const char* name,
@@ -220,6 +266,25 @@ at::Tensor kron_mix_add_autocast(
       cast_list<device>(dtype, B), at::autocast::cached_cast(dtype, gates, device));
 }
 
+template <c10::DeviceType device>
+at::Tensor kron_mix_indexed_autocast(
+    const at::Tensor& x,
+    const at::Tensor& row_adapter,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto dtype = at::autocast::get_autocast_dtype(device);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moka::kron_mix_indexed", "")
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, at::TensorList,
+                           at::TensorList, const at::Tensor&)>();
+  return op.call(
+      at::autocast::cached_cast(dtype, x, device), row_adapter, cast_list<device>(dtype, A),
+      cast_list<device>(dtype, B), at::autocast::cached_cast(dtype, gates, device));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moka, m) {
@@ -231,6 +296,15 @@ TORCH_LIBRARY(moka, m) {
   m.def(
       "kron_mix_backward(Tensor grad_y, Tensor x, Tensor[] A, Tensor[] B, Tensor gates)"
       " -> (Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, Tensor grad_gates)");
+  // Every row of x with its own adapter: row_adapter[i] in [-1, n_adapters)
+  // picks the factors A[j][a], B[j][a] and gates[a] for row i (all of x[i]'s
+  // tokens); -1 gives a zero row. The adapters are stacked along the factors'
+  // first dim, so they share their factor-shape groups.
+  m.def(
+      "kron_mix_indexed(Tensor x, Tensor row_adapter, Tensor[] A, Tensor[] B, Tensor gates) -> Tensor");
+  m.def(
+      "kron_mix_indexed_backward(Tensor grad_y, Tensor x, Tensor row_adapter, Tensor[] A, Tensor[] B,"
+      " Tensor gates) -> (Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, Tensor grad_gates)");
   m.def("gate_softmax(Tensor logits, float temperature) -> Tensor");
   m.def(
       "gate_softmax_backward(Tensor grad, Tensor output, float temperature) -> Tensor");
@@ -239,11 +313,13 @@ TORCH_LIBRARY(moka, m) {
 TORCH_LIBRARY_IMPL(moka, AutocastCPU, m) {
   m.impl("kron_mix", kron_mix_autocast<c10::DeviceType::CPU>);
   m.impl("kron_mix_add", kron_mix_add_autocast<c10::DeviceType::CPU>);
+  m.impl("kron_mix_indexed", kron_mix_indexed_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(moka, AutocastCUDA, m) {
   m.impl("kron_mix", kron_mix_autocast<c10::DeviceType::CUDA>);
   m.impl("kron_mix_add", kron_mix_add_autocast<c10::DeviceType::CUDA>);
+  m.impl("kron_mix_indexed", kron_mix_indexed_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace moka

@@ -48,6 +48,19 @@ void check_like_output(
     const at::Tensor& x,
     int64_t out);
 
+// kron_mix_indexed: x (rows, ..., in), row_adapter int64 (rows,), A[j]
+// (n_adapters, r_j, ma_j, na_j), B[j] (n_adapters, r_j, mb_j, nb_j), gates
+// (n_adapters, sum r). Returns the shapes of one adapter's slice (tokens over
+// all rows) and sets *n_adapters. Row values are checked by the kernels.
+KronMixShape check_kron_mix_indexed_args(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& row_adapter,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates,
+    int64_t* n_adapters);
+
 void check_gate_softmax_args(
     const char* op,
     const at::Tensor& logits,

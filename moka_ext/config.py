@@ -8,7 +8,11 @@ touches a model.
 ``MoKAConfig`` is a dataclass. When PEFT is installed it subclasses
 ``peft.PeftConfig`` so the same object can be passed to ``peft.get_peft_model``
 (the method itself is registered by ``moka_ext.peft_method``); without PEFT it
-is a plain dataclass with the same MoKA fields.
+is a plain dataclass with the same MoKA fields. This module also adds ``MOKA``
+to PEFT's ``PeftType`` enum (the type a config names); its value, which every
+saved ``adapter_config.json`` carries as ``peft_type``, reads
+``"MOKA (import moka_ext first)"``, so that PEFT alone, which does not know the
+type, fails with a ``KeyError`` that says what to do.
 """
 from __future__ import annotations
 
@@ -41,7 +45,14 @@ except ImportError:  # pragma: no cover - exercised only without peft installed
             return dataclasses.asdict(self)
 
 
-__all__ = ["MoKAConfig", "ModuleSettings", "LLAMA_TARGET_MODULES"]
+__all__ = ["MoKAConfig", "ModuleSettings", "LLAMA_TARGET_MODULES", "PEFT_TYPE_VALUE", "peft_type"]
+
+PEFT_TYPE_NAME = "MOKA"
+# What `peft_type` reads in saved configs. PEFT looks a loaded config's type up
+# in its own tables first; without moka_ext imported the lookup raises
+# KeyError(<this value>), the only message a saved file can put in front of a
+# user who loads it with PEFT alone.
+PEFT_TYPE_VALUE = "MOKA (import moka_ext first)"
 
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INITS = ("zero_b", "zero_a", "random")
@@ -115,9 +126,7 @@ class MoKAConfig(_ConfigBase):
     def __post_init__(self):
         super().__post_init__()
         if HAVE_PEFT:
-            from .peft_method import register
-
-            self.peft_type = register()  # idempotent; the PEFT type this config names
+            self.peft_type = peft_type()
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(self.target_modules)
         if self.target_modules is None or (not isinstance(self.target_modules, str) and len(self.target_modules) == 0):
@@ -258,12 +267,40 @@ def _check_settings(where: str, v: dict) -> None:
                         )
 
 
+def _extend_enum(enum_cls, name: str, value: str):
+    """Add member ``name = value`` to an existing (str) Enum; return it (or the existing one).
 
-if HAVE_PEFT:
-    # Importing the config makes MoKA a PEFT method (also reached from the
-    # import hook in moka_ext/__init__.py when peft is imported later).
-    # (peft_method registers at its end; importing it here may find it
-    # half-imported when it is the module importing peft right now.)
-    import importlib as _importlib
+    The stdlib has no API for this; we build the member the way ``EnumType``
+    does and enter it in the three lookup tables every enum operation uses
+    (attribute access, ``Enum(value)``, iteration and ``in``).
+    """
+    existing = enum_cls.__members__.get(name)
+    if existing is not None:
+        if existing.value != value:
+            raise RuntimeError(f"{enum_cls.__name__}.{name} exists with value {existing.value!r}, expected {value!r}")
+        return existing
+    member = str.__new__(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    if hasattr(next(iter(enum_cls)), "_sort_order_"):
+        member._sort_order_ = len(enum_cls._member_names_)
+    member.__init__(value)
+    enum_cls._member_names_.append(name)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    # Plain class attribute, set past EnumType.__setattr__ (which refuses members).
+    type.__setattr__(enum_cls, name, member)
+    if enum_cls[name] is not member or enum_cls(value) is not member or member not in list(enum_cls):
+        raise RuntimeError(f"could not add {name} to {enum_cls.__name__} on this Python; please report")
+    return member
 
-    _importlib.import_module(__package__ + ".peft_method")
+
+def peft_type():
+    """``peft.PeftType.MOKA`` (added on first call); needs PEFT. ``PeftType("MOKA")`` finds it
+    too (the value in adapter files of format version 1)."""
+    from peft.utils import PeftType
+
+    member = _extend_enum(PeftType, PEFT_TYPE_NAME, PEFT_TYPE_VALUE)
+    PeftType._value2member_map_.setdefault(PEFT_TYPE_NAME, member)
+    return member

@@ -1,27 +1,33 @@
-"""Model-level MoKA: patching a model, the parameter report, merging and unloading.
+"""Model-level MoKA: patching a model with named adapters, the parameter report,
+switching, combining, deleting, merging and unloading adapters, mixed batches.
 
 Owns: which modules of a model a ``MoKAConfig`` targets (PEFT's matching
 rules), the plan of what each targeted module becomes (``plan_moka``, also
 what ``load_adapter`` validates a file against before touching a model),
-``apply_moka``, ``trainable_parameters``, ``moka_summary`` and
-``merge_and_unload``.
+``apply_moka``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``,
+``trainable_parameters``, ``moka_summary`` and ``merge_and_unload``. The
+configs of a patched model's adapters are ``model.moka_configs`` (name -> config).
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from .config import MoKAConfig, ModuleSettings
-from .shapes import choose_shapes, shape_cost, validate_shape
-from .layers import MoKALinear, adapter_tensor_shapes, base_kind
+from .shapes import choose_shapes, validate_shape
+from .layers import BASE_ROW, MoKALinear, RowAdapters, adapter_tensor_shapes, base_kind, disable_cpu_inference_repack
 
 __all__ = [
     "apply_moka",
+    "delete_adapter",
+    "mixed_batch",
+    "set_adapter",
     "plan_moka",
     "moka_layers",
     "trainable_parameters",
@@ -113,11 +119,13 @@ def _resolve_shapes(settings: ModuleSettings, out_f: int, in_f: int, name: str) 
     return tuple(s for group in order.values() for s in group)
 
 
-def plan_moka(model: nn.Module, config: MoKAConfig) -> dict[str, ModulePlan]:
-    """The modules ``config`` targets in ``model`` and what each becomes; changes nothing.
+def plan_moka(model: nn.Module, config: MoKAConfig, adapter_name: str = "default") -> dict[str, ModulePlan]:
+    """The modules ``config`` targets in ``model`` and what the adapter ``adapter_name`` adds
+    to each; changes nothing.
 
-    Raises if a targeted module is not a supported linear layer, is already a
-    MoKA layer, or nothing matches.
+    Raises if a targeted module is not a supported linear layer, already has an
+    adapter called ``adapter_name``, or nothing matches. (A targeted MoKA layer
+    gets the new adapter beside its others.)
     """
     if not isinstance(config, MoKAConfig):
         raise TypeError(f"config must be a moka_ext.MoKAConfig, got {type(config).__name__}")
@@ -131,7 +139,9 @@ def plan_moka(model: nn.Module, config: MoKAConfig) -> dict[str, ModulePlan]:
         if not is_targeted(config, name):
             continue
         if isinstance(module, MoKALinear):
-            raise ValueError(f"apply_moka: module {name!r} already carries a MoKA adapter (one adapter per model)")
+            if adapter_name in module.r:
+                raise ValueError(f"apply_moka: module {name!r} already has an adapter called {adapter_name!r}")
+            module = module.base_layer
         try:
             kind = base_kind(module)
         except TypeError as e:
@@ -153,21 +163,116 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def apply_moka(model: nn.Module, config: MoKAConfig) -> nn.Module:
-    """Wrap every targeted linear layer of ``model`` in a MoKALinear, in place; freeze the rest.
+def apply_moka(model: nn.Module, config: MoKAConfig, adapter_name: str = "default") -> nn.Module:
+    """Add the adapter ``adapter_name`` to every targeted linear layer of ``model``, in place
+    (wrapping plain layers in a MoKALinear); freeze everything else.
 
-    Returns ``model``. Only the adapter parameters are trainable afterwards.
+    Returns ``model``. The first adapter is active; a further one is added inactive
+    and frozen (``set_adapter`` switches or combines them), as in PEFT.
+
+    bitsandbytes 4-bit layers on CPU: on CPUs with AVX512-BF16, bitsandbytes
+    repacks a ``Linear4bit`` into a bf16 inference layout at its first eval-mode
+    forward without gradients, and that layout has no autograd. ``apply_moka``
+    switches the repacking off on every ``Linear4bit`` of the model, targeted or
+    not, and undoes it where it already happened
+    (:func:`moka_ext.layers.disable_cpu_inference_repack`). The model then
+    computes through bitsandbytes' differentiable path in training and in
+    evaluation alike: at init its outputs equal the base model's computed with
+    repacking off, bit for bit. Against outputs computed through the repacked
+    layout they differ by the bf16 rounding of that layout (README, "Use it in
+    your model").
     """
-    plans = plan_moka(model, config)
+    plans = plan_moka(model, config, adapter_name)
+    disable_cpu_inference_repack(model)
+    configs = getattr(model, "moka_configs", None) or {}
+    first = not configs
     for p in model.parameters():
         p.requires_grad_(False)
     for name, plan in plans.items():
-        s = plan.settings
-        kwargs = dataclasses.asdict(s) | {"shapes": list(plan.shapes)}
-        layer = MoKALinear(model.get_submodule(name), **kwargs)
-        _set_submodule(model, name, layer)
-    model.moka_config = config
+        kwargs = dataclasses.asdict(plan.settings) | {"shapes": list(plan.shapes)}
+        module = model.get_submodule(name)
+        if isinstance(module, MoKALinear):
+            module.update_layer(adapter_name, **kwargs)
+        else:
+            layer = MoKALinear(module, adapter_name=adapter_name, **kwargs)
+            if not first:
+                layer.set_adapter(active_adapters(model))
+            _set_submodule(model, name, layer)
+    model.moka_configs = {**configs, adapter_name: config}
+    set_adapter(model, adapter_name if first else active_adapters(model))
     return model
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The active adapters of a patched model (as set by apply_moka / set_adapter)."""
+    return list(getattr(model, "moka_active_adapters", None) or [])
+
+
+def _check_names(model: nn.Module, names, what: str) -> list[str]:
+    configs = getattr(model, "moka_configs", None) or {}
+    names = [names] if isinstance(names, str) else list(names)
+    missing = [a for a in names if a not in configs]
+    if missing:
+        raise ValueError(f"{what}: no adapter called {missing} in the model (it has {sorted(configs)})")
+    return names
+
+
+def set_adapter(model: nn.Module, adapter_names, inference_mode: bool = False) -> nn.Module:
+    """Activate one adapter or several (their updates add), trainable unless ``inference_mode``;
+    every other adapter is frozen and left out of the forward."""
+    names = _check_names(model, adapter_names, "set_adapter")
+    for m in moka_layers(model).values():
+        m.set_adapter(names, inference_mode=inference_mode)
+    model.moka_active_adapters = names
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove an adapter from every layer (layers left with none go back to their base layer)."""
+    _check_names(model, [adapter_name], "delete_adapter")
+    for name, m in moka_layers(model).items():
+        if adapter_name not in m.r:
+            continue
+        if adapter_name in m.merged_adapters:
+            raise ValueError(f"delete_adapter: {adapter_name!r} is merged in {name!r}; unmerge first")
+        if len(m.r) == 1:
+            _set_submodule(model, name, m.base_layer)
+        else:
+            m.delete_adapter(adapter_name)
+    configs = dict(model.moka_configs)
+    del configs[adapter_name]
+    active = [a for a in active_adapters(model) if a != adapter_name] or sorted(configs)[:1]
+    if configs:
+        model.moka_configs = configs
+        set_adapter(model, active)
+    else:
+        del model.moka_configs
+        model.moka_active_adapters = []
+    return model
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+    """Inside the block, the model's forward gives row i of the batch the adapter
+    ``adapter_names[i]`` (``"__base__"``: none). For models patched with ``apply_moka``;
+    a PeftModel takes ``model(..., adapter_names=[...])`` directly."""
+    layers = list(moka_layers(model).values())
+    known = set().union(*(m.r.keys() for m in layers)) if layers else set()
+    unknown = sorted({a for a in adapter_names if a != BASE_ROW} - known)
+    if unknown:
+        raise ValueError(f"mixed_batch: no adapter called {unknown} (the model has {sorted(known)})")
+    rows = RowAdapters.from_names(list(adapter_names))
+
+    def hook(module, args, kw):
+        kw["adapter_names"] = rows
+        return args, kw
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def moka_layers(model: nn.Module) -> dict[str, MoKALinear]:
@@ -219,15 +324,16 @@ def moka_summary(model: nn.Module) -> str:
         return "no MoKA layers"
     lines = []
     for name, m in layers.items():
-        shapes = "  ".join(
-            f"{n}x[{ma}x{na} (x) {mb}x{nb}]" if n > 1 else f"[{ma}x{na} (x) {mb}x{nb}]"
-            for (ma, na, mb, nb), n in m.groups
-        )
-        params = sum(shape_cost(s, m.variant) for s in m.shapes) + (m.r if m.gating else 0)
-        lines.append(
-            f"{name}: {m.base_kind} {m.out_features}x{m.in_features} {m.variant} r={m.r} "
-            f"gating={'on' if m.gating else 'off'} params={params} shapes: {shapes}"
-        )
+        for a in m.r:
+            shapes = "  ".join(
+                f"{n}x[{ma}x{na} (x) {mb}x{nb}]" if n > 1 else f"[{ma}x{na} (x) {mb}x{nb}]"
+                for (ma, na, mb, nb), n in m.groups[a]
+            )
+            params = sum(p.numel() for p in m._adapter_params(a))
+            lines.append(
+                f"{name} [{a}]: {m.base_kind} {m.out_features}x{m.in_features} {m.variant[a]} r={m.r[a]} "
+                f"gating={'on' if m.gating[a] else 'off'} params={params} shapes: {shapes}"
+            )
     c = trainable_parameters(model)
     lines.append(
         f"{len(layers)} MoKA layers, {c['trainable']:,} trainable parameters "
@@ -237,18 +343,27 @@ def moka_summary(model: nn.Module) -> str:
 
 
 def merge_and_unload(
-    model: nn.Module, full_precision: bool = False, dtype: Optional[torch.dtype] = None
+    model: nn.Module,
+    full_precision: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    adapter_names: Optional[Sequence[str]] = None,
 ) -> nn.Module:
-    """Replace every MoKALinear by a plain layer computing ``base + dW``; returns the model.
+    """Replace every MoKALinear by a plain layer computing ``base + sum of dW`` over
+    ``adapter_names`` (default: the active adapters); returns the model.
 
-    Full-precision bases are merged exactly (up to the weight dtype's rounding).
-    4-bit/8-bit bases are dequantized, dW added, and re-quantized (warns: the
-    result differs by the quantization rounding), or, with
-    ``full_precision=True``, replaced by an ``nn.Linear`` of ``dtype`` (default
-    the base's compute dtype) holding the exact merged weight.
+    A name the model does not have is an error. Full-precision bases are merged
+    exactly (up to the weight dtype's rounding). 4-bit/8-bit bases are
+    dequantized, dW added, and re-quantized (warns: the result differs by the
+    quantization rounding), or, with ``full_precision=True``, replaced by an
+    ``nn.Linear`` of ``dtype`` (default the base's compute dtype) holding the
+    exact merged weight.
     """
+    if adapter_names is not None and getattr(model, "moka_configs", None) is not None:
+        _check_names(model, adapter_names, "merge_and_unload")
     for name, layer in moka_layers(model).items():
-        _set_submodule(model, name, layer.merged_base(full_precision=full_precision, dtype=dtype))
-    if hasattr(model, "moka_config"):
-        del model.moka_config
+        names = layer._present(adapter_names if adapter_names is not None else layer.active_adapters)
+        _set_submodule(model, name, layer.merged_base(full_precision=full_precision, dtype=dtype, adapter_names=names))
+    for attr in ("moka_configs", "moka_active_adapters"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model

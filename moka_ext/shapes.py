@@ -3,14 +3,16 @@
 Owns: what a component shape ``(ma, na, mb, nb)`` is (A: ma x na, B: mb x nb,
 ``ma*mb == out``, ``na*nb == in``), its parameter cost, and ``choose_shapes``,
 which picks diverse, non-degenerate shapes for a layer under a parameter
-budget. Pure arithmetic: no torch, no model.
+budget, falling back to the best valid factorization (with a warning) for
+layers that have too few such shapes. Pure arithmetic: no torch, no model.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
-__all__ = ["Shape", "VARIANTS", "choose_shapes", "default_budget", "shape_cost", "validate_shape"]
+__all__ = ["NoShapes", "Shape", "VARIANTS", "choose_shapes", "default_budget", "shape_cost", "validate_shape"]
 
 Shape = tuple[int, int, int, int]  # (ma, na, mb, nb)
 VARIANTS = ("moka", "mokas")
@@ -45,10 +47,14 @@ def default_budget(out_features: int, in_features: int, r: int) -> int:
     return int(4 * r * math.sqrt(out_features * in_features))
 
 
+class NoShapes(ValueError):
+    """No ``r`` shapes meet the preferred rules (the fallback then relaxes them)."""
+
+
 def choose_shapes(
     out_features: int, in_features: int, r: int, variant: str = "moka", budget: Optional[int] = None
 ) -> list[Shape]:
-    """Pick r different, non-degenerate factor shapes for an ``out x in`` layer within ``budget``.
+    """Pick r factor shapes for an ``out x in`` layer, diverse and within ``budget`` if possible.
 
     MoKA: a component's rank is ``min(ma, na) * min(mb, nb)`` and its cost
     ``ma*na + mb*nb``; candidates (all four dims >= 2, so no 1 x n factor)
@@ -57,13 +63,38 @@ def choose_shapes(
     components see the weight at different granularities. MoKAs: the block
     count k (a common divisor, k >= 2, blocks at least 2 x 2) closest to
     ``(out*in) ** 0.25`` first, all k distinct. Deterministic.
+
+    A layer with too few such shapes (a 20 -> 2 head, prime sizes) gets the best
+    valid factorization instead, with a warning: 1 x n factors allowed, then shapes
+    over the budget, then repeated shapes. Every layer gets r shapes.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an int >= 1, got {r!r}")
+    try:
+        return _preferred_shapes(out_features, in_features, r, variant, budget)
+    except NoShapes as e:
+        shapes = _fallback_shapes(out_features, in_features, r, variant, budget)
+        warnings.warn(f"{e}; using the best valid factorization instead: {shapes}", stacklevel=2)
+        return shapes
+
+
+def _cap(out_features: int, in_features: int, r: int, variant: str, budget: Optional[int]) -> float:
     if budget is None and variant != "mokas":
         budget = default_budget(out_features, in_features, r)
     # MoKAs' block-diagonal update has full rank for every k, so by default only
     # the nearness to a balanced block size decides, with no cap.
-    cap = math.inf if budget is None else budget / r
-    what = f"a {out_features} x {in_features} layer"
+    return math.inf if budget is None else budget / r
+
+
+def _rank(s: Shape) -> int:
+    return min(s[0], s[1]) * min(s[2], s[3])
+
+
+def _preferred_shapes(out_features, in_features, r, variant, budget) -> list[Shape]:
+    cap = _cap(out_features, in_features, r, variant, budget)
+    what = f"shapes='auto': a {out_features} x {in_features} layer"
     if variant == "mokas":
         ks = [
             k
@@ -75,20 +106,29 @@ def choose_shapes(
         picked = [(k, k, out_features // k, in_features // k) for k in ks]
         picked = [s for s in picked if shape_cost(s, variant) <= cap][:r]
         if len(picked) < r:
-            raise ValueError(
-                f"shapes='auto': {what} has only {len(picked)} MoKAs block sizes k (k >= 2 dividing both dims) "
-                f"with at most {cap:.0f} parameters per component (budget={budget}), but r={r}; lower r or raise budget"
+            raise NoShapes(
+                f"{what} has only {len(picked)} MoKAs block sizes k (k >= 2 dividing both dims, blocks >= 2 x 2) "
+                f"with at most {cap:.0f} parameters per component (budget={budget}), but r={r}"
             )
         return picked
-    if variant != "moka":
-        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
     cands = [
         (ma, na, out_features // ma, in_features // na)
         for ma in _divisors(out_features)
         for na in _divisors(in_features)
     ]
     cands = [s for s in cands if min(s) >= 2 and shape_cost(s) <= cap]
-    cands.sort(key=lambda s: (-(min(s[0], s[1]) * min(s[2], s[3])), shape_cost(s), s))
+    cands.sort(key=lambda s: (-_rank(s), shape_cost(s), s))
+    picked = _distinct(cands, r)
+    if len(picked) < r:
+        raise NoShapes(
+            f"{what} has only {len(picked)} distinct non-degenerate factor shapes "
+            f"(all of ma, na, mb, nb >= 2) within {cap:.0f} parameters per component (budget={budget}), but r={r}"
+        )
+    return picked
+
+
+def _distinct(cands: list[Shape], r: int) -> list[Shape]:
+    """Up to r candidates in order, distinct A and B shapes first, then any distinct shape."""
     picked: list[Shape] = []
     for strict in (True, False):
         for s in cands:
@@ -99,10 +139,24 @@ def choose_shapes(
             if strict and any(s[:2] == p[:2] or s[2:] == p[2:] for p in picked):
                 continue
             picked.append(s)
-    if len(picked) < r:
-        raise ValueError(
-            f"shapes='auto': {what} has only {len(picked)} distinct non-degenerate factor shapes "
-            f"(all of ma, na, mb, nb >= 2) within {cap:.0f} parameters per component (budget={budget}), "
-            f"but r={r}; lower r, raise budget or give explicit shapes"
-        )
     return picked
+
+
+def _fallback_shapes(out_features, in_features, r, variant, budget) -> list[Shape]:
+    cap = _cap(out_features, in_features, r, variant, budget)
+    if variant == "mokas":
+        target = (out_features * in_features) ** 0.25
+        cands = [(k, k, out_features // k, in_features // k) for k in _divisors(math.gcd(out_features, in_features))]
+        cands.sort(key=lambda s: (shape_cost(s, variant) > cap, abs(math.log(s[0] / target)), -s[0]))
+        picked = cands[:r]
+    else:
+        cands = [
+            (ma, na, out_features // ma, in_features // na)
+            for ma in _divisors(out_features)
+            for na in _divisors(in_features)
+        ]
+        # Within the budget first, then by rank and cost as in the preferred choice.
+        cands.sort(key=lambda s: (shape_cost(s) > cap, -_rank(s), shape_cost(s), s))
+        picked = _distinct(cands, r)
+    # Fewer valid shapes than components: repeat the best ones (they stack in one group).
+    return [picked[i % len(picked)] for i in range(r)]

@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from _main_job import TINY_RUN, metrics, run_moka, subprocess_env, use_private_cache, REPO
-from moka_ext import cli
+from moka_ext.finetune import cli
 
 STEPS = ["--max-steps", "6"]
 
@@ -153,21 +154,22 @@ def test_unwritable_output_dir(tmp_path, capsys):
     _fails(["finetune", *TINY_RUN, *STEPS, "--output-dir", str(blocker / "out")], capsys, "not a directory")
 
 
-def test_layer_shape_that_does_not_factor(tmp_path, capsys):
+def test_prime_sized_layers_train_with_the_best_valid_factorization(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moka_ext.models import _tiny_tokenizer
+    from moka_ext.finetune.models import _tiny_tokenizer
 
     model_dir = tmp_path / "prime-llama"
     tok = _tiny_tokenizer()
     # 131 is prime: the MLP projections (131 x 64, 64 x 131) have no Kronecker factorization
-    # with every factor dimension at least 2.
+    # with every factor dimension at least 2; "auto" falls back to 1 x n factors and warns.
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=131, num_hidden_layers=1,
                                  num_attention_heads=1, num_key_value_heads=1)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = tmp_path / "out"
-    _fails(["finetune", *TINY_RUN, *STEPS, "--model", str(model_dir), "--output-dir", str(out)], capsys, "131")
-    assert not out.exists()
+    with pytest.warns(UserWarning, match=r"a 131 x 64 layer .*best valid factorization"):
+        assert cli.main(["finetune", *TINY_RUN, *STEPS, "--model", str(model_dir), "--output-dir", str(out)]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_resume_refuses_another_configuration_and_a_used_dir(finished_run, capsys):
@@ -201,3 +203,89 @@ def test_qlora_baselines_learn_in_every_layer_after_a_no_grad_evaluation(tmp_pat
                      "--task", "arc_easy", "--limit", "6", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["acc"] == metrics(out)["accuracy"]["after"]["acc"]
+
+
+def test_finetune_scores_before_training_as_moka_eval_scores_the_base(tmp_path, capsys, monkeypatch):
+    """Before- and after-accuracies go through the same 4-bit numerics as ``moka eval``, on every
+    CPU: Linear4bit layers are made to default to bitsandbytes' CPU inference repacking (as on
+    AVX512-BF16 CPUs), and the base model's per-choice log-likelihoods must come out the same
+    from ``moka finetune``'s evaluation before training and from ``moka eval``."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from moka_ext.finetune import evaluate
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    calls = []
+    real = evaluate.loglikelihoods
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(list(out))
+        return out
+
+    monkeypatch.setattr(evaluate, "loglikelihoods", recording)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", *TINY_RUN, "--quant", "nf4", "--max-steps", "2", "--output-dir", str(out)]) == 0
+    before_lls = calls[0]
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", "tiny", "--quant", "nf4", "--task", "arc_easy", "--limit", "6", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert calls[-1] == before_lls
+    before = metrics(out)["accuracy"]["before"]
+    assert (res["acc"], res["acc_norm"], res["n"]) == (before["acc"], before["acc_norm"], before["n"]) == (
+        res["acc"], res["acc_norm"], 6)
+
+
+def test_bitsandbytes_optional_kernel_notice_is_dropped_and_its_other_warnings_kept():
+    """bitsandbytes logs a notice about the optional `kernels` package at import on AVX512-BF16
+    CPUs; the command drops exactly that record from bitsandbytes' CPU-backend logger."""
+    import logging
+
+    cli._drop_optional_kernel_notice()
+    cli._drop_optional_kernel_notice()  # idempotent: one filter
+    logger = logging.getLogger(cli.BNB_CPU_LOGGER)
+    assert sum(isinstance(f, cli._DropOptionalKernelNotice) for f in logger.filters) == 1
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        logger.warning("%s: No module named 'kernels'. Please make sure...", cli.OPTIONAL_KERNEL_NOTICE)
+        logger.warning("some other bitsandbytes warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["some other bitsandbytes warning"]
+
+
+def test_moka_command_output_has_no_optional_kernel_notice():
+    proc = run_moka("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "kernels-community" not in proc.stdout + proc.stderr
+
+
+def test_resume_reads_a_checkpoint_with_unnamed_adapter_keys(finished_run, tmp_path):
+    """Checkpoints written when a MoKA layer held one unnamed adapter name its tensors
+    ``...q_proj.moka_A.0``; --resume maps them onto the named adapter ``default`` (a run in
+    progress survives the upgrade). The resumed run's final adapter equals the original's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "legacy"
+    shutil.copytree(finished_run, run)
+    ckpt = run / "checkpoint" / "trainable.safetensors"
+    named = load_file(ckpt)
+    unnamed = {k.replace(".default", ""): v for k, v in named.items()}
+    assert set(unnamed) != set(named) and any(k.endswith(".moka_A.0") for k in unnamed)
+    save_file(unnamed, ckpt)
+    args = ["finetune", *TINY_RUN, *STEPS, "--save-steps", "2", "--output-dir", str(run), "--resume"]
+    assert cli.main(args) == 0
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    want = load_file(finished_run / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

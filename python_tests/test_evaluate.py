@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moka_ext.data import MultipleChoice
-from moka_ext.evaluate import choice_requests, evaluate, loglikelihoods, score_questions
+from moka_ext.finetune.data import MultipleChoice
+from moka_ext.finetune.evaluate import choice_requests, evaluate, loglikelihoods, score_questions
 
 
 class CharTokenizer:
@@ -78,7 +78,7 @@ def test_ties_go_to_the_first_choice_and_acc_norm_uses_characters():
 
 def test_padding_and_batching_match_the_models_own_loss(tmp_path_factory, monkeypatch):
     from _main_job import use_private_cache
-    from moka_ext import models
+    from moka_ext.finetune import models
 
     use_private_cache(tmp_path_factory, monkeypatch)
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def own_loglikelihood(model, ctx, cont):
 
 def test_inputs_longer_than_the_window_are_left_truncated(tmp_path_factory, monkeypatch):
     from _main_job import use_private_cache
-    from moka_ext import models
+    from moka_ext.finetune import models
 
     use_private_cache(tmp_path_factory, monkeypatch)
     torch.manual_seed(0)

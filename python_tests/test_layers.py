@@ -8,11 +8,14 @@ from moka_ext import MoKALinear, reference
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from bnb_cpu import is_repacked, needs_avx512bf16, repack_for_cpu_inference  # noqa: E402
 
-def _nf4(lin: torch.nn.Linear) -> "bnb.nn.Linear4bit":
+
+def _nf4(lin: torch.nn.Linear, cpu_repack: bool = False, nested: bool = True) -> "bnb.nn.Linear4bit":
     q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                          quant_type="nf4", compute_dtype=torch.float32)
+                          quant_type="nf4", compute_dtype=torch.float32, compress_statistics=nested)
     q.load_state_dict(lin.state_dict())
+    q.support_avx512bf16_for_cpu = cpu_repack  # explicit: its default follows the CPU (bnb_cpu)
     return q.to("cpu")  # bitsandbytes quantizes on .to()
 
 
@@ -31,10 +34,12 @@ def _dense_ref(x, W, bias, layer, A=None, B=None, logits=None):
     fA, fB = layer.factors()
     A = fA if A is None else A
     B = fB if B is None else B
-    if layer.gating:
-        g = layer.scale * reference.gate_softmax(layer.moka_gate_logits if logits is None else logits, layer.temperature)
+    a = "default"
+    if layer.gating[a]:
+        g = layer.scale[a] * reference.gate_softmax(layer.moka_gate_logits[a] if logits is None else logits,
+                                                    layer.temperature[a])
     else:
-        g = torch.full((layer.r,), layer.scale / layer.r, dtype=x.dtype)
+        g = torch.full((layer.r[a],), layer.scale[a] / layer.r[a], dtype=x.dtype)
     y = x @ (W + reference.delta_weight(A, B, g)).T
     return y if bias is None else y + bias
 
@@ -49,13 +54,14 @@ def test_forward_and_gradients_match_dense_reference_float64(variant, gating):
                    init="random", dtype=torch.float64)
     if gating:
         with torch.no_grad():
-            m.moka_gate_logits.normal_()
-    assert len(m.groups) == 2  # equal shapes share one stacked group
+            m.moka_gate_logits["default"].normal_()
+    assert len(m.groups["default"]) == 2  # equal shapes share one stacked group
     x = torch.randn(2, 5, 48, dtype=torch.float64, requires_grad=True)
     y = m(x)
     gy = torch.randn_like(y)
-    names = [f"moka_A.{j}" for j in range(len(m.moka_A))] + [f"moka_B.{j}" for j in range(len(m.moka_B))]
-    names += ["moka_gate_logits"] if gating else []
+    nA = len(m.moka_A["default"]) if variant == "moka" else 0
+    names = [f"moka_A.default.{j}" for j in range(nA)] + [f"moka_B.default.{j}" for j in range(len(m.moka_B["default"]))]
+    names += ["moka_gate_logits.default"] if gating else []
     params = [m.get_parameter(n) for n in names]
     assert set(names) == {n for n, p in m.named_parameters() if p.requires_grad}
     grads = torch.autograd.grad(y, [x, *params], gy)
@@ -64,8 +70,8 @@ def test_forward_and_gradients_match_dense_reference_float64(variant, gating):
     xr = x.detach().clone().requires_grad_()
     leaves = [p.detach().clone().requires_grad_() for p in params]
     it = iter(leaves)
-    A = [next(it) for _ in m.moka_A] if variant == "moka" else None
-    B = [next(it) for _ in m.moka_B]
+    A = [next(it) for _ in range(nA)] if variant == "moka" else None
+    B = [next(it) for _ in m.moka_B["default"]]
     logits = next(it) if gating else None
     yr = _dense_ref(xr, lin.weight, lin.bias, m, A=A, B=B, logits=logits)
     ref_grads = torch.autograd.grad(yr, [xr, *leaves], gy)
@@ -81,7 +87,7 @@ def test_nf4_gradients_match_dequantized_dense_reference_float32():
     x = torch.randn(3, 7, 64, requires_grad=True)
     y = m(x)
     gy = torch.randn_like(y)
-    params = [m.moka_A[0], m.moka_A[1], m.moka_B[0], m.moka_B[1], m.moka_gate_logits]
+    params = [*m.moka_A["default"], *m.moka_B["default"], m.moka_gate_logits["default"]]
     grads = torch.autograd.grad(y, [x, *params], gy)
     xr = x.detach().clone().requires_grad_()
     leaves = [p.detach().clone().requires_grad_() for p in params]
@@ -106,7 +112,7 @@ def test_int8_base_forward_matches_dequantized_reference():
     base_err = (q(x) - (x @ W.T + q.bias)).abs().max()
     assert (y - yr).abs().max() <= 1.5 * base_err + 1e-5
     y.sum().backward()
-    assert m.moka_B[0].grad is not None and m.moka_B[0].grad.abs().sum() > 0
+    assert m.moka_B["default"][0].grad is not None and m.moka_B["default"][0].grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("variant, init", [("moka", "zero_b"), ("moka", "zero_a"), ("mokas", "zero_b")])
@@ -118,9 +124,9 @@ def test_zero_init_then_training_moves(variant, init):
     x = torch.randn(8, 64)
     torch.testing.assert_close(m(x), lin(x), rtol=0, atol=0)
     m(x).pow(2).sum().backward()
-    zero = m.moka_B if init == "zero_b" else m.moka_A
+    zero = m.moka_B["default"] if init == "zero_b" else m.moka_A["default"]
     assert all(p.grad.abs().sum() > 0 for p in zero), "the zero factor must receive gradient"
-    other = m.moka_A if init == "zero_b" else m.moka_B
+    other = (m.moka_A["default"] if "default" in m.moka_A else []) if init == "zero_b" else m.moka_B["default"]
     for p in other:
         # unit-gain init: variance 1/cols
         assert abs(p.detach().var().item() * p.shape[-1] - 1.0) < 0.5
@@ -143,10 +149,10 @@ def test_autocast_bfloat16_runs_in_bf16_and_stays_close():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y16 = m(x)
     assert y16.dtype == torch.bfloat16
-    assert m.moka_A[0].dtype == torch.float32  # parameters stay float32
+    assert m.moka_A["default"][0].dtype == torch.float32  # parameters stay float32
     torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
     y16.float().sum().backward()
-    assert m.moka_A[0].grad.dtype == torch.float32
+    assert m.moka_A["default"][0].grad.dtype == torch.float32
 
 
 def test_merge_unmerge_float32_exact_and_disable():
@@ -173,7 +179,7 @@ def test_nf4_merge_requantizes_and_warns_and_unmerge_restores():
     old = q.weight.data.clone()
     m = MoKALinear(q, r=2, init="random")
     with torch.no_grad():
-        for p in m.moka_B:
+        for p in m.moka_B["default"]:
             p.mul_(0.05)  # an adapter of realistic size next to the base weight
     target = _nf4_dense(q) + m.delta_weight().detach()
     with pytest.warns(UserWarning, match="re-quantizes"):
@@ -193,29 +199,39 @@ def test_unsupported_base_is_rejected_by_type():
         MoKALinear(torch.nn.Conv1d(4, 4, 1))
 
 
+@needs_avx512bf16
+def test_bnb_repacks_a_4bit_layer_at_an_eval_no_grad_forward_and_computes_in_bf16():
+    """The control for the tests below: with the flag on, bitsandbytes' eval no-grad forward
+    repacks the layer, and the repacked matmul differs from the trainable path by bf16 rounding."""
+    torch.manual_seed(6)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    plain = _nf4(lin)
+    with torch.no_grad():
+        want = plain.eval()(x)
+    packed = _nf4(lin, cpu_repack=True).eval()
+    with torch.no_grad():
+        got = packed(x)
+    assert is_repacked(packed) and not is_repacked(plain)
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
+
+
 def test_eval_no_grad_pass_does_not_break_4bit_gradients():
     """ENV.md pitfall: bnb repacks a Linear4bit for CPU inference in an eval no-grad forward when
-    ``support_avx512bf16_for_cpu`` is set (as on AVX512-BF16 machines); the layer must stay trainable."""
+    ``support_avx512bf16_for_cpu`` is set (its default on AVX512-BF16 CPUs); forced on here, on any
+    CPU. The wrapped layer must never repack and must stay trainable."""
     torch.manual_seed(7)
-    lin = torch.nn.Linear(64, 32)
-    # Control: on a bare layer with the flag forced on, the pitfall is real here.
-    bare = _nf4(lin)
-    bare.support_avx512bf16_for_cpu = True
-    bare.eval()
-    with torch.no_grad():
-        bare(torch.randn(2, 64))
-    assert getattr(bare.weight.quant_state, "packing_format_for_cpu", False)
-
-    q = _nf4(lin)
-    q.support_avx512bf16_for_cpu = True
+    q = _nf4(torch.nn.Linear(64, 32), cpu_repack=True)
     m = MoKALinear(q, r=2, init="random")
+    assert q.support_avx512bf16_for_cpu is False
     x = torch.randn(3, 64)
 
     def grads():
         m.train()
         xg = x.clone().requires_grad_()
         m(xg).pow(2).sum().backward()
-        out = [xg.grad.clone(), m.moka_A[0].grad.clone(), m.moka_B[1].grad.clone()]
+        out = [xg.grad.clone(), m.moka_A["default"][0].grad.clone(), m.moka_B["default"][1].grad.clone()]
         m.zero_grad()
         return out
 
@@ -227,29 +243,30 @@ def test_eval_no_grad_pass_does_not_break_4bit_gradients():
     after = grads()
     for b, a in zip(before, after):
         assert torch.equal(b, a)
-    assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
+    assert not is_repacked(q)
 
 
-def test_wrapping_an_already_repacked_4bit_layer_restores_it():
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain-absmax"])
+def test_wrapping_an_already_repacked_4bit_layer_restores_it(nested):
+    """Layers wider than one 64-weight block, with and without double quantization of the
+    scales (transformers' NF4 default has none): bitsandbytes' own inverse of the repacking
+    leaves plain scales in the packed order; the wrapped layer must compute with the right ones."""
     torch.manual_seed(8)
-    lin = torch.nn.Linear(64, 32)
-    q = _nf4(lin)
-    x = torch.randn(2, 64)
-    ref = q(x)
-    q.support_avx512bf16_for_cpu = True
-    q.eval()
-    with torch.no_grad():
-        q(x)
-    assert q.weight.quant_state.packing_format_for_cpu
+    lin = torch.nn.Linear(192, 32)
+    q = _nf4(lin, cpu_repack=True, nested=nested)
+    x = torch.randn(2, 192)
+    ref = _nf4(lin, nested=nested)(x)
+    repack_for_cpu_inference(q)
+    assert is_repacked(q)
     m = MoKALinear(q, r=1)
-    assert not q.weight.quant_state.packing_format_for_cpu
+    assert not is_repacked(q) and q.support_avx512bf16_for_cpu is False
     # bitsandbytes' repacking stores the block absmax in bfloat16, so its own inverse is
     # only bf16-exact; after that the layer is an ordinary, differentiable NF4 layer again.
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
     xg = x.clone().requires_grad_()
     m.train()
     m(xg).sum().backward()
-    torch.testing.assert_close(xg.grad, _nf4_dense(q).sum(0).expand(2, 64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xg.grad, _nf4_dense(q).sum(0).expand(2, 192), rtol=1e-5, atol=1e-5)
 
 
 def test_equivalent_to_peft_lokr_with_r1_no_gating_full_factors():
@@ -276,8 +293,8 @@ def test_equivalent_to_peft_lokr_with_r1_no_gating_full_factors():
     shape = (w1.shape[0], w1.shape[1], w2.shape[0], w2.shape[1])
     m = MoKALinear(base_copy, r=1, shapes=[shape], gating=False)
     with torch.no_grad():
-        m.moka_A[0][0].copy_(w1)
-        m.moka_B[0][0].copy_(w2)
+        m.moka_A["default"][0][0].copy_(w1)
+        m.moka_B["default"][0][0].copy_(w2)
     x = torch.randn(6, 64)
     torch.testing.assert_close(m(x), lokr(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.delta_weight(), layer.get_delta_weight("default"), rtol=0, atol=0)
@@ -305,7 +322,7 @@ def test_int8_merge_requantizes_and_unmerge_restores():
     q = _int8(torch.nn.Linear(64, 32))
     m = MoKALinear(q, r=2, init="random")
     with torch.no_grad():
-        for p in m.moka_B:
+        for p in m.moka_B["default"]:
             p.mul_(0.05)
     CB0 = (q.weight.CB if q.weight.CB is not None else q.state.CB).clone()
     SCB0 = (q.weight.SCB if q.weight.SCB is not None else q.state.SCB)
@@ -331,8 +348,8 @@ def test_compiles_without_graph_breaks():
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")  # aot_eager: no C++ build on CPU CI
     y = compiled(x)
     y.pow(2).sum().backward()
-    g = m.moka_A[0].grad.clone()
+    g = m.moka_A["default"][0].grad.clone()
     m.zero_grad()
     torch.testing.assert_close(y, m(x), rtol=0, atol=0)
     m(x).pow(2).sum().backward()
-    torch.testing.assert_close(g, m.moka_A[0].grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g, m.moka_A["default"][0].grad, rtol=1e-6, atol=1e-6)

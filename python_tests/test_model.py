@@ -10,6 +10,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import moka_ext  # noqa: E402
 from moka_ext import MoKAConfig, MoKALinear, apply_moka, merge_and_unload, moka_summary, trainable_parameters  # noqa: E402
+from bnb_cpu import is_repacked, needs_avx512bf16, repack_for_cpu_inference  # noqa: E402
 from tiny_llama import N_TARGETS, batch, tiny_llama  # noqa: E402
 
 
@@ -50,11 +51,68 @@ def test_nf4_model_wraps_every_projection_and_freezes_the_base():
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_apply_moka_computes_the_base_through_the_non_repacked_4bit_path_on_every_layer():
+    """The rule of apply_moka's docstring and the README: with repacking on (the default on
+    AVX512-BF16 CPUs, forced here on any CPU), and an adapter on q_proj only, the model at init
+    computes exactly what the base computes with repacking off, in eval no-grad forwards: no
+    4-bit layer, wrapped or not, is left free to repack."""
+    ids = batch(seed=2)["input_ids"]
+    want = _logits(tiny_llama("nf4", cpu_repack=False), ids)
+    model = apply_moka(tiny_llama("nf4", cpu_repack=True), MoKAConfig(r=2, target_modules=["q_proj"]))
+    got = _logits(model, ids)
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == N_TARGETS
+    assert not any(m.support_avx512bf16_for_cpu or is_repacked(m) for m in four_bit)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_apply_moka_undoes_repacking_that_already_happened():
+    """A model that was evaluated before apply_moka on an AVX512-BF16 CPU is already repacked
+    (done here by bitsandbytes' own conversion, on any CPU): apply_moka restores every layer to
+    the trainable layout. The repacked layout keeps each block's absmax in bf16, so the restored
+    weights equal the originals up to that rounding (relative 2**-8), checked against
+    bitsandbytes' dequantization of the never-repacked model."""
+    def dense(model):
+        return {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    want = dense(tiny_llama("nf4"))
+    model = tiny_llama("nf4", cpu_repack=True)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        repack_for_cpu_inference(m)
+    apply_moka(model, MoKAConfig(r=1, target_modules=["v_proj"]))
+    assert not any(is_repacked(m) or m.support_avx512bf16_for_cpu for m in layers)
+    got = {n.replace(".base_layer", ""): w for n, w in dense(model).items()}
+    assert got.keys() == want.keys() and len(got) == N_TARGETS
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=2.0**-8, atol=0, msg=n)
+
+
+@needs_avx512bf16
+def test_repacked_cpu_layout_changes_logits_by_bf16_rounding_only():
+    """What apply_moka's rule changes on an AVX512-BF16 CPU: the base model evaluated through the
+    repacked layout against the same model through the trainable path (README's stated size)."""
+    ids = batch(seed=4)["input_ids"]
+    plain = _logits(tiny_llama("nf4", cpu_repack=False), ids)
+    packed_model = tiny_llama("nf4", cpu_repack=True)
+    packed = _logits(packed_model, ids)
+    assert all(is_repacked(m) for m in packed_model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert not torch.equal(packed, plain)
+    torch.testing.assert_close(packed, plain, rtol=0, atol=0.05 * plain.abs().max().item())
+
+
 def test_summary_lists_every_module_with_its_shapes():
     model = apply_moka(tiny_llama(), MoKAConfig(r=2, shapes={"q_proj": [(8, 8, 8, 8), (4, 8, 16, 8)]}))
     text = moka_summary(model)
     assert text.count("\n") == N_TARGETS  # one line per layer plus the total line
-    assert "model.layers.0.self_attn.q_proj: linear 64x64 moka r=2" in text
+    assert "model.layers.0.self_attn.q_proj [default]: linear 64x64 moka r=2" in text
     assert "[8x8 (x) 8x8]  [4x8 (x) 16x8]" in text
     assert f"{N_TARGETS} MoKA layers" in text
 
@@ -66,12 +124,12 @@ def test_target_selection_exclude_layers_and_overrides():
     apply_moka(model, cfg)
     names = set(_moka(model))
     assert names == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
-    assert model.model.layers[1].mlp.down_proj.variant == "mokas" and model.model.layers[1].mlp.down_proj.r == 1
+    assert model.model.layers[1].mlp.down_proj.variant["default"] == "mokas" and model.model.layers[1].mlp.down_proj.r["default"] == 1
     m2 = apply_moka(tiny_llama(), MoKAConfig(r=1, layers_to_transform=1))
     assert all(".layers.1." in n for n in _moka(m2)) and len(_moka(m2)) == 7
     with pytest.raises(ValueError, match="no module of the model matches"):
         apply_moka(tiny_llama(), MoKAConfig(target_modules=["nonexistent"]))
-    with pytest.raises(ValueError, match="already carries a MoKA adapter"):
+    with pytest.raises(ValueError, match="already has an adapter called 'default'"):
         apply_moka(model, MoKAConfig(r=1, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match="target module 'model.embed_tokens'"):
         apply_moka(tiny_llama(), MoKAConfig(target_modules=["embed_tokens"]))
@@ -105,10 +163,7 @@ def test_loss_falls_when_training_an_nf4_model():
 def test_generate_then_train_gradients_unchanged_on_nf4():
     """Gradients through wrapped 4-bit layers are identical before and after generate()
     (and an eval no-grad pass), with bnb's AVX512-BF16 CPU repacking enabled as on such CPUs."""
-    model = tiny_llama("nf4")
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = True
+    model = tiny_llama("nf4", cpu_repack=True)
     apply_moka(model, MoKAConfig(r=2))
     _randomize(model)
     data = batch(seed=5)
@@ -203,18 +258,18 @@ def test_bf16_compute_nf4_model_and_autocast_train_with_float32_adapters():
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     q = model.model.layers[0].self_attn.q_proj
-    assert q.moka_B[0].dtype == torch.float32 and q.moka_B[0].grad.abs().sum() > 0
+    assert q.moka_B["default"][0].dtype == torch.float32 and q.moka_B["default"][0].grad.abs().sum() > 0
 
     fp = apply_moka(tiny_llama("nf4"), MoKAConfig(r=2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fp(**batch())
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
-    assert fp.model.layers[1].mlp.down_proj.moka_B[1].grad.abs().sum() > 0
+    assert fp.model.layers[1].mlp.down_proj.moka_B["default"][1].grad.abs().sum() > 0
 
 
 def test_dequantize_4bit_layers_computes_what_the_nf4_model_computes():
-    from moka_ext.models import dequantize_4bit_layers
+    from moka_ext.finetune.models import dequantize_4bit_layers
 
     ids = batch(seed=7)["input_ids"]
     nf4 = tiny_llama("nf4")
@@ -236,8 +291,8 @@ def test_dequantize_4bit_layers_computes_what_the_nf4_model_computes():
 def test_adapter_trained_on_nf4_scores_the_same_merged_on_the_dequantized_base(tmp_path, method):
     """The quality benchmark's scoring path: an adapter saved from the NF4 model, loaded onto the
     dequantized base and merged, computes what the NF4 model with the adapter computes."""
-    from moka_ext import baselines
-    from moka_ext.models import dequantize_4bit_layers
+    from moka_ext.finetune import baselines
+    from moka_ext.finetune.models import dequantize_4bit_layers
 
     ids = batch(seed=8)["input_ids"]
     torch.manual_seed(0)
@@ -260,12 +315,12 @@ def test_adapter_trained_on_nf4_scores_the_same_merged_on_the_dequantized_base(t
 
 
 def test_gating_off_fixes_equal_mixture_weights_and_is_moka_only():
-    from moka_ext import baselines
+    from moka_ext.finetune import baselines
 
     model = baselines.apply_method(tiny_llama(), "moka", r=4, quant="none", gating=False)
     layers = _moka(model)
-    assert layers and all(m.moka_gate_logits is None for m in layers.values())
+    assert layers and all(len(m.moka_gate_logits) == 0 for m in layers.values())
     first = next(iter(layers.values()))
-    torch.testing.assert_close(first.gates(), torch.full((4,), first.scale / 4))
+    torch.testing.assert_close(first.gates(), torch.full((4,), first.scale["default"] / 4))
     with pytest.raises(baselines.MethodError, match="gating is a MoKA setting.*'lora'"):
         baselines.apply_method(tiny_llama(), "lora", r=4, quant="none", gating=False)

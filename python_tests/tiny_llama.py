@@ -39,8 +39,12 @@ def _saved_dir() -> str:
     return d
 
 
-def tiny_llama(quant: str | None = None):
-    """A fresh copy of the same random tiny LLaMA: full precision, ``"nf4"`` or ``"int8"``."""
+def tiny_llama(quant: str | None = None, cpu_repack: bool = False):
+    """A fresh copy of the same random tiny LLaMA: full precision, ``"nf4"`` or ``"int8"``.
+
+    ``cpu_repack``: bitsandbytes' CPU inference repacking of the NF4 layers, forced on or off
+    (its default follows the CPU; see ``bnb_cpu``), so the model behaves alike on every CPU.
+    """
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     kwargs = {"dtype": torch.float32}
@@ -53,6 +57,10 @@ def tiny_llama(quant: str | None = None):
     elif quant is not None:
         raise ValueError(quant)
     model = LlamaForCausalLM.from_pretrained(_saved_dir(), device_map="cpu", **kwargs)
+    if quant == "nf4":
+        from bnb_cpu import set_cpu_repack
+
+        set_cpu_repack(model, cpu_repack)
     return model
 
 

@@ -1,10 +1,12 @@
 """The fine-tuning loop behind ``moka finetune``.
 
-Owns one run, start to finish: checking the request before anything is written, loading model,
-data and adapter, the accuracy before and after, the optimization (AdamW, cosine schedule with
-warmup, gradient accumulation and clipping, optional bf16 autocast), the progress bar,
-checkpoints with exact resume, Ctrl-C, multi-process data parallelism (DDP under torchrun:
-gloo on CPU, nccl on GPU) and the outputs of ``--output-dir``:
+Owns one run, start to finish, in phases that ``finetune`` composes: ``prepare`` (check the
+request before anything is written, fill the caches, load model, data, adapter and optimizer),
+``start`` (the accuracy before training, or the checkpoint of a resumed run), ``train_loop``
+(AdamW, cosine schedule with warmup, gradient accumulation and clipping, optional bf16 autocast,
+the progress bar, checkpoints, Ctrl-C) and ``finish`` (the accuracy after and the outputs).
+Multi-process data parallelism is DDP under torchrun (gloo on CPU, nccl on GPU). The outputs of
+``--output-dir``:
 
     metrics.json      trainable_params, loss, accuracy (before/after), throughput,
                       peak_memory, config, ...
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -316,6 +319,18 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, rng_states: list, st
         _replace_dir(staged, out / CHECKPOINT)
 
 
+# MoKA parameter names of checkpoints written when a layer held one unnamed adapter
+# (``...q_proj.moka_A.0``); a model holds named adapters (``...q_proj.moka_A.default.0``).
+_UNNAMED_MOKA_KEY = re.compile(r"\.moka_(A|B)\.(\d+)$|\.moka_gate_logits$")
+
+
+def _named_adapter_key(key: str) -> str:
+    def rename(m):
+        return f".moka_{m.group(1)}.default.{m.group(2)}" if m.group(1) else ".moka_gate_logits.default"
+
+    return _UNNAMED_MOKA_KEY.sub(rename, key)
+
+
 def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> None:
     from safetensors.torch import load_file
 
@@ -323,6 +338,8 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> None:
     weights = load_file(ckpt / "trainable.safetensors")
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        weights = {_named_adapter_key(k): v for k, v in weights.items()}
     if set(weights) != expected:
         raise RunError(f"--resume: checkpoint {ckpt} holds other trainable tensors than this model "
                        f"({len(set(weights) ^ expected)} differ)")
@@ -434,183 +451,260 @@ def _fmt_acc(res: dict) -> str:
     return f"acc {res['acc']:.4f}  acc_norm {res['acc_norm']:.4f}  ({res['n']} questions)"
 
 
-def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
-    """Run one fine-tuning job; returns the metrics (also written to metrics.json by rank 0)."""
-    from tqdm.auto import tqdm
+@dataclasses.dataclass
+class Progress:
+    """Where training stands: what a checkpoint's trainer_state.json holds and a resume restores."""
+
+    step: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+    tokens: int = 0
+    train_seconds: float = 0.0
+    accuracy_before: dict | None = None
+
+    def state(self, cfg: FinetuneConfig) -> dict:
+        return {"step": self.step, "losses": self.losses, "tokens": self.tokens,
+                "train_seconds": self.train_seconds, "accuracy_before": self.accuracy_before,
+                "config": {k: getattr(cfg, k) for k in TRAJECTORY_KEYS}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        return cls(step=state["step"], losses=state["losses"], tokens=state["tokens"],
+                   train_seconds=state["train_seconds"], accuracy_before=state.get("accuracy_before"))
+
+
+@dataclasses.dataclass
+class Run:
+    """One prepared run: the request, the process group and everything training needs."""
+
+    cfg: FinetuneConfig
+    dist: Dist
+    out: Path
+    model: torch.nn.Module
+    tokenizer: object
+    params: dict  # trainable-parameter counts
+    dataset: object
+    stream: MicroBatches
+    steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    eval_task: str | None
+    questions: list
+    wall_start: float
+
+    @property
+    def trainable(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def say(self, msg: str) -> None:
+        _say(self.dist, msg)
+
+
+def prepare(cfg: FinetuneConfig, dist: Dist, default_steps: int) -> tuple[Run, dict | None]:
+    """Phase 1: check the request, fill the caches, load data, model, adapter and optimizer.
+    Returns the run and the checkpoint state to resume from (or None). Writes no output."""
     from transformers import get_cosine_schedule_with_warmup
 
+    resume_state = validate(cfg)
+    wall_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+
+    # Rank 0 fills the caches (model conversion, data extraction) while the others wait:
+    # under torch.distributed, transformers' save_pretrained writes only on rank 0.
+    # Bad data fails here, before the (slower) model load and before any output.
+    eval_task = cfg.resolved_eval_task()
+
+    def load_data():
+        records = data.load_task(cfg.task, "train", seed=cfg.seed)
+        return records, (data.load_eval_task(eval_task, cfg.eval_limit) if eval_task else [])
+
+    if dist.main:
+        models.model_dir(cfg.model)
+        records, questions = load_data()
+    dist.barrier()
+    if not dist.main:
+        records, questions = load_data()
+
+    model, tokenizer = models.load_model(cfg.model, cfg.quant, dist.device, bf16=cfg.bf16)
+    model = baselines.apply_method(model, cfg.method, cfg.r, cfg.quant, cfg.dropout, gating=cfg.gating)
+    if cfg.quant == "none":  # bitsandbytes models are placed by device_map and refuse .to()
+        model.to(dist.device)
+    dataset = data.TrainingSet(records, tokenizer, cfg.seq_len)
+    stream = MicroBatches(dataset, cfg.batch_size, dist, cfg.seed, data.make_collator(tokenizer))
+    steps = total_steps(cfg, len(dataset), default_steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * steps), steps)
+    run = Run(cfg, dist, Path(cfg.output_dir), model, tokenizer, baselines.trainable_parameters(model), dataset,
+              stream, steps, optimizer, scheduler, eval_task, questions, wall_start)
+    run.say(f"moka finetune: {cfg.model} ({cfg.quant}) + {cfg.method} r={cfg.r} on {cfg.task} "
+            f"({len(dataset)} examples), {steps} steps of {cfg.batch_size} x {cfg.grad_accum} accum"
+            f" x {dist.world_size} process(es) on {dist.device}")
+    p = run.params
+    run.say(f"trainable parameters: {p['trainable']:,} of {p['total']:,} ({100 * p['share']:.3f}%)")
+    return run, resume_state
+
+
+def evaluate_accuracy(run: Run, when: str) -> dict | None:
+    """Phases 2 and 4: zero-shot accuracy on the evaluation questions ("before"/"after" training)."""
+    if not run.questions:
+        return None
+    return distributed_accuracy(run.model, run.tokenizer, run.questions, run.dist, run.cfg, f"eval {when}")
+
+
+def start(run: Run, resume_state: dict | None) -> Progress:
+    """Where training begins: the checkpoint's progress on a resume, else step 0 after scoring the
+    untrained model."""
+    if resume_state is not None:
+        load_checkpoint(run.out, run.model, run.optimizer, run.scheduler, run.dist.rank)
+        run.say(f"resumed from {run.out / CHECKPOINT} at step {resume_state['step']}")
+        return Progress.from_state(resume_state)
+    before = evaluate_accuracy(run, "before")
+    if before is not None:
+        run.say(f"accuracy before ({run.eval_task} validation): {_fmt_acc(before)}")
+    return Progress(accuracy_before=before)
+
+
+def train_loop(run: Run, progress: Progress) -> None:
+    """Phase 3: optimizer steps until ``run.steps``, updating ``progress`` in place; checkpoints every
+    ``save_steps`` and at the end; Ctrl-C or SIGTERM saves a checkpoint of the last complete step
+    and re-raises KeyboardInterrupt."""
+    from tqdm.auto import tqdm
+
+    cfg, dist, out = run.cfg, run.dist, run.out
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    trainable = run.trainable
+    ddp = model
+    if dist.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
+    def checkpoint(rng_states):
+        if dist.main:
+            save_checkpoint(out, model, optimizer, scheduler, rng_states, progress.state(cfg))
+
+    # SIGTERM (torchrun stopping its workers, a batch scheduler) is handled like Ctrl-C.
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    model.train()
+    # miniters=1: tqdm otherwise learns to skip redraws after a few fast steps, and a slow
+    # stretch then looks like a hang.
+    start_step = progress.step
+    bar = tqdm(total=run.steps, initial=start_step, desc="train", unit="step", disable=not dist.main,
+               dynamic_ncols=True, miniters=1)
+    rng_at_step = get_rng_state()
+    try:
+        t_window, tok_window = time.perf_counter(), 0
+        while progress.step < run.steps:
+            rng_at_step = get_rng_state()
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, step_tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(dist.device) for k, v in run.stream[progress.step * cfg.grad_accum + micro].items()}
+                last = micro == cfg.grad_accum - 1
+                # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+                sync = ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss = ddp(**batch).loss / cfg.grad_accum
+                    loss.backward()
+                step_loss += loss.item()
+                step_tokens += int(batch["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            # From the update to the step count an interrupt waits: landing in between, it
+            # would leave weights updated by a step that the checkpoint does not count.
+            with _interrupts_deferred():
+                optimizer.step()
+                scheduler.step()
+                step_loss, step_tokens = dist.sum([step_loss, float(step_tokens)])
+                step_loss /= dist.world_size
+                progress.losses.append(step_loss)
+                progress.tokens += int(step_tokens)
+                progress.train_seconds += time.perf_counter() - t0
+                tok_window += step_tokens
+                progress.step += 1
+                rng_at_step = None  # step complete: the next one begins from the current RNG
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            tok_s=f"{tok_window / max(now - t_window, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+            if now - t_window > 30:
+                t_window, tok_window = now, 0
+            if progress.step % cfg.save_steps == 0 or progress.step == run.steps:
+                checkpoint(dist.gather(get_rng_state()))
+    except KeyboardInterrupt:
+        bar.close()
+        # The interrupted step's partial gradients are dropped; the RNG goes back to where
+        # that step began, so the resumed run redoes it exactly. (An interrupt between steps,
+        # e.g. deferred until a checkpoint was written, keeps the current RNG.)
+        if progress.step > start_step:
+            rng = rng_at_step if rng_at_step is not None else get_rng_state()
+            checkpoint([rng] * dist.world_size)
+            run.say(f"interrupted at step {progress.step}/{run.steps}: checkpoint saved in {out / CHECKPOINT}; "
+                    f"continue with the same command plus --resume")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    bar.close()
+
+
+def finish(run: Run, progress: Progress) -> dict:
+    """Phase 4: the accuracy after training, the metrics, and (rank 0) the outputs of --output-dir."""
+    cfg, dist, out = run.cfg, run.dist, run.out
+    before = progress.accuracy_before
+    after = evaluate_accuracy(run, "after")
+    if after is not None:
+        change = (f"; change acc {after['acc'] - before['acc']:+.4f}, acc_norm {after['acc_norm'] - before['acc_norm']:+.4f}"
+                  if before else "")
+        run.say(f"accuracy after  ({run.eval_task} validation): {_fmt_acc(after)}{change}")
+    losses, train_seconds = progress.losses, progress.train_seconds
+    metrics = {
+        "trainable_params": run.params["trainable"],
+        "total_params": run.params["total"],
+        "trainable_share": run.params["share"],
+        "steps": run.steps,
+        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
+                 "per_step": losses},
+        "accuracy": {"task": run.eval_task, "before": before, "after": after},
+        "throughput": {"tokens": progress.tokens, "train_seconds": train_seconds,
+                       "tokens_per_s": progress.tokens / train_seconds if train_seconds else None,
+                       "steps_per_s": len(losses) / train_seconds if train_seconds else None},
+        "peak_memory": peak_memory(dist.device),
+        "wall_seconds": time.perf_counter() - run.wall_start,  # of this invocation (a resume counts anew)
+        "world_size": dist.world_size,
+        "device": str(dist.device),
+        "versions": _versions(),
+        "config": dataclasses.asdict(cfg),
+    }
+    if dist.main:
+        adapter_dir = save_final_adapter(run.model, cfg.method, out)
+        if losses:
+            plot_loss(losses, out / "loss_curve.png", f"{cfg.method} r={cfg.r} on {cfg.task} ({cfg.model}, {cfg.quant})")
+        _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        run.say(f"wrote {out / 'metrics.json'}, {out / 'loss_curve.png'}, {adapter_dir}/ "
+                f"in {metrics['wall_seconds']:.0f} s")
+    return metrics
+
+
+def finetune(cfg: FinetuneConfig, default_steps: int = 100) -> dict:
+    """Run one fine-tuning job: prepare, score before, train, score after and write the outputs.
+    Returns the metrics (also written to metrics.json by rank 0). A run that fails before its
+    first checkpoint leaves no output directory behind."""
     dist = Dist()
     cfg.world_size = dist.world_size
     out = Path(cfg.output_dir)
     created_out = False
     try:
-        resume_state = validate(cfg)
-        wall_start = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-
-        # Rank 0 fills the caches (model conversion, data extraction) while the others wait:
-        # under torch.distributed, transformers' save_pretrained writes only on rank 0.
-        # Bad data fails here, before the (slower) model load and before any output.
-        eval_task = cfg.resolved_eval_task()
-        if dist.main:
-            models.model_dir(cfg.model)
-            records = data.load_task(cfg.task, "train", seed=cfg.seed)
-            questions = data.load_eval_task(eval_task, cfg.eval_limit) if eval_task else []
-        dist.barrier()
-        if not dist.main:
-            records = data.load_task(cfg.task, "train", seed=cfg.seed)
-            questions = data.load_eval_task(eval_task, cfg.eval_limit) if eval_task else []
-
-        model, tokenizer = models.load_model(cfg.model, cfg.quant, dist.device, bf16=cfg.bf16)
-        model = baselines.apply_method(model, cfg.method, cfg.r, cfg.quant, cfg.dropout, gating=cfg.gating)
-        if cfg.quant == "none":  # bitsandbytes models are placed by device_map and refuse .to()
-            model.to(dist.device)
-        params = baselines.trainable_parameters(model)
-        dataset = data.TrainingSet(records, tokenizer, cfg.seq_len)
-        stream = MicroBatches(dataset, cfg.batch_size, dist, cfg.seed, data.make_collator(tokenizer))
-        steps = total_steps(cfg, len(dataset), default_steps)
-
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * steps), steps)
-
-        _say(dist, f"moka finetune: {cfg.model} ({cfg.quant}) + {cfg.method} r={cfg.r} on {cfg.task} "
-                   f"({len(dataset)} examples), {steps} steps of {cfg.batch_size} x {cfg.grad_accum} accum"
-                   f" x {dist.world_size} process(es) on {dist.device}")
-        _say(dist, f"trainable parameters: {params['trainable']:,} of {params['total']:,} ({100 * params['share']:.3f}%)")
-
-        start_step, losses, tokens_seen, train_seconds = 0, [], 0, 0.0
-        if resume_state is not None:
-            load_checkpoint(out, model, optimizer, scheduler, dist.rank)
-            start_step = resume_state["step"]
-            losses = resume_state["losses"]
-            tokens_seen = resume_state["tokens"]
-            train_seconds = resume_state["train_seconds"]
-            before = resume_state.get("accuracy_before")
-            _say(dist, f"resumed from {out / CHECKPOINT} at step {start_step}")
-        elif questions:
-            before = distributed_accuracy(model, tokenizer, questions, dist, cfg, "eval before")
-            _say(dist, f"accuracy before ({eval_task} validation): {_fmt_acc(before)}")
-        else:
-            before = None
-
+        run, resume_state = prepare(cfg, dist, default_steps)
+        progress = start(run, resume_state)
         if dist.main and not out.exists():
             out.mkdir(parents=True)
             created_out = True
         dist.barrier()
-
-        ddp = model
-        if dist.enabled:
-            ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-
-        def state_dict_for_checkpoint(step):
-            return {"step": step, "losses": losses, "tokens": tokens_seen, "train_seconds": train_seconds,
-                    "accuracy_before": before, "config": {k: getattr(cfg, k) for k in TRAJECTORY_KEYS}}
-
-        def checkpoint(step, rng_states):
-            if dist.main:
-                save_checkpoint(out, model, optimizer, scheduler, rng_states, state_dict_for_checkpoint(step))
-
-        # SIGTERM (torchrun stopping its workers, a batch scheduler) is handled like Ctrl-C.
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-        model.train()
-        # miniters=1: tqdm otherwise learns to skip redraws after a few fast steps, and a slow
-        # stretch then looks like a hang.
-        bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not dist.main,
-                   dynamic_ncols=True, miniters=1)
-        step, rng_at_step = start_step, get_rng_state()
-        try:
-            t_window, tok_window = time.perf_counter(), 0
-            while step < steps:
-                rng_at_step = get_rng_state()
-                t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                step_loss, step_tokens = 0.0, 0
-                for micro in range(cfg.grad_accum):
-                    batch = {k: v.to(dist.device) for k, v in stream[step * cfg.grad_accum + micro].items()}
-                    last = micro == cfg.grad_accum - 1
-                    # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-                    sync = ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()
-                    with sync:
-                        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                            loss = ddp(**batch).loss / cfg.grad_accum
-                        loss.backward()
-                    step_loss += loss.item()
-                    step_tokens += int(batch["attention_mask"].sum())
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                # From the update to the step count an interrupt waits: landing in between, it
-                # would leave weights updated by a step that the checkpoint does not count.
-                with _interrupts_deferred():
-                    optimizer.step()
-                    scheduler.step()
-                    step_loss, step_tokens = dist.sum([step_loss, float(step_tokens)])
-                    step_loss /= dist.world_size
-                    losses.append(step_loss)
-                    tokens_seen += int(step_tokens)
-                    train_seconds += time.perf_counter() - t0
-                    tok_window += step_tokens
-                    step += 1
-                    rng_at_step = None  # step complete: the next one begins from the current RNG
-                now = time.perf_counter()
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                tok_s=f"{tok_window / max(now - t_window, 1e-9):.0f}", refresh=False)
-                bar.update(1)
-                if now - t_window > 30:
-                    t_window, tok_window = now, 0
-                if step % cfg.save_steps == 0 or step == steps:
-                    checkpoint(step, dist.gather(get_rng_state()))
-        except KeyboardInterrupt:
-            bar.close()
-            # The interrupted step's partial gradients are dropped; the RNG goes back to where
-            # that step began, so the resumed run redoes it exactly. (An interrupt between steps,
-            # e.g. deferred until a checkpoint was written, keeps the current RNG.)
-            if step > start_step:
-                rng = rng_at_step if rng_at_step is not None else get_rng_state()
-                checkpoint(step, [rng] * dist.world_size)
-                _say(dist, f"interrupted at step {step}/{steps}: checkpoint saved in {out / CHECKPOINT}; "
-                           f"continue with the same command plus --resume")
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, old_term)
-        bar.close()
-
-        after = None
-        if questions:
-            after = distributed_accuracy(model, tokenizer, questions, dist, cfg, "eval after")
-            change = (f"; change acc {after['acc'] - before['acc']:+.4f}, acc_norm {after['acc_norm'] - before['acc_norm']:+.4f}"
-                      if before else "")
-            _say(dist, f"accuracy after  ({eval_task} validation): {_fmt_acc(after)}{change}")
-
-        metrics = {
-            "trainable_params": params["trainable"],
-            "total_params": params["total"],
-            "trainable_share": params["share"],
-            "steps": steps,
-            "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
-                     "per_step": losses},
-            "accuracy": {"task": eval_task, "before": before, "after": after},
-            "throughput": {"tokens": tokens_seen, "train_seconds": train_seconds,
-                           "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
-                           "steps_per_s": len(losses) / train_seconds if train_seconds else None},
-            "peak_memory": peak_memory(dist.device),
-            "wall_seconds": time.perf_counter() - wall_start,  # of this invocation (a resume counts anew)
-            "world_size": dist.world_size,
-            "device": str(dist.device),
-            "versions": _versions(),
-            "config": dataclasses.asdict(cfg),
-        }
-        if dist.main:
-            adapter_dir = save_final_adapter(model, cfg.method, out)
-            if losses:
-                plot_loss(losses, out / "loss_curve.png", f"{cfg.method} r={cfg.r} on {cfg.task} ({cfg.model}, {cfg.quant})")
-            _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-            _say(dist, f"wrote {out / 'metrics.json'}, {out / 'loss_curve.png'}, {adapter_dir}/ "
-                       f"in {metrics['wall_seconds']:.0f} s")
+        train_loop(run, progress)
+        metrics = finish(run, progress)
         dist.barrier()
         return metrics
     except BaseException:
-        # A run that failed before its first checkpoint leaves no directory behind.
         if created_out and dist.main and not (out / CHECKPOINT).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise

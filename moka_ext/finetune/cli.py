@@ -1,4 +1,4 @@
-"""The ``moka`` command: ``moka finetune``, ``moka eval``, ``moka info``.
+"""The ``moka`` command: ``moka finetune``, ``moka eval``, ``moka merge``, ``moka info``.
 
 Owns argument parsing, the defaults of a run, and how errors reach the user: a bad request
 (unknown task, model or method, malformed data line, unwritable output directory, mismatched
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = "|".join(task_names())
     p = argparse.ArgumentParser(prog="moka", description="Fine-tune and evaluate LLaMA-family models with MoKA adapters.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{finetune,eval,info}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{finetune,eval,merge,info}")
 
     f = sub.add_parser("finetune", help="train an adapter, evaluate before and after",
                        description="Train an adapter and report zero-shot accuracy before and after. "
@@ -76,8 +77,44 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bf16", action="store_true")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    m = sub.add_parser("merge", help="merge a MoKA adapter into its base, write a plain Hugging Face model",
+                       description="Load the base model (as it was trained: --quant), add the adapter, and write "
+                                   "base + adapter as a plain Hugging Face model directory that transformers loads "
+                                   "without moka_ext. The merge is exact in full precision; --requantize writes the "
+                                   "merged weights re-quantized like the base instead (smaller, but off by the "
+                                   "quantization rounding).")
+    m.add_argument("--model", default="smollm2-135m", help=f"{'|'.join(MODEL_NAMES)}|HF_DIR (the adapter's base)")
+    m.add_argument("--quant", default="nf4", choices=QUANT_MODES,
+                   help="how the base is loaded, as when the adapter was trained (default: nf4)")
+    m.add_argument("--adapter", required=True, help="a MoKA adapter directory")
+    m.add_argument("--adapter-name", default="default", help="the name of the adapter in the directory (default: default)")
+    m.add_argument("--out", required=True, help="the output model directory (must not exist or be empty)")
+    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype of the full-precision output (default: float32)")
+    m.add_argument("--requantize", action="store_true",
+                   help="re-quantize the merged weights like the base (--quant nf4/int8; warns)")
+
     sub.add_parser("info", help="versions, compiled kernels, device")
     return p
+
+
+# bitsandbytes logs this warning when it is imported on a CPU with AVX512-BF16: it suggests
+# the optional package `kernels`, which downloads code from a model hub at run time and which
+# moka does not use. Only this one message is dropped; bitsandbytes' other warnings still show.
+OPTIONAL_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class _DropOptionalKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(OPTIONAL_KERNEL_NOTICE)
+
+
+def _drop_optional_kernel_notice() -> None:
+    """Install the filter on bitsandbytes' CPU-backend logger (before bitsandbytes is imported)."""
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    if not any(isinstance(f, _DropOptionalKernelNotice) for f in logger.filters):
+        logger.addFilter(_DropOptionalKernelNotice())
 
 
 def _quiet_libraries() -> None:
@@ -133,6 +170,66 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    import warnings
+
+    import torch
+
+    import moka_ext
+    from moka_ext.layers import base_kind, dense_weight, disable_cpu_inference_repack, plain_linear
+    from transformers import AutoModelForCausalLM
+
+    from . import models
+
+    models.check_model_name(args.model)
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise ValueError(f"--out {args.out!r} exists and is not an empty directory")
+    if args.requantize and args.quant == "none":
+        raise ValueError("--requantize needs a quantized base (--quant nf4 or int8)")
+    dtype = getattr(torch, args.dtype)
+    path = models.model_dir(args.model)
+    qconfig = models.quantization_config(args.quant, torch.float32)
+    kwargs = {"dtype": torch.float32}
+    if qconfig is not None:
+        kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    disable_cpu_inference_repack(model)
+    moka_ext.load_adapter(model, args.adapter, adapter_name=args.adapter_name)
+    moka_ext.set_adapter(model, args.adapter_name)
+    if args.requantize:
+        warnings.warn("moka merge --requantize: the merged weights are re-quantized, so the output differs from "
+                      "base + adapter by the quantization rounding; leave it out for an exact merge")
+        model = moka_ext.merge_and_unload(model)
+        model.save_pretrained(args.out)
+    else:
+        model = moka_ext.merge_and_unload(model, full_precision=True, dtype=dtype)
+        # Quantized layers the adapter did not touch become dense too: the output is a plain model.
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear) and base_kind(child) != "linear":
+                    setattr(parent, name, plain_linear(dense_weight(child), child.bias, dtype))
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = dtype
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        missing, unexpected = plain.load_state_dict(
+            {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}, strict=False
+        )
+        if unexpected or [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {})]:
+            raise RuntimeError(f"moka merge: the merged weights do not fit {type(plain).__name__}: missing "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+        if missing:
+            plain.tie_weights()
+        plain.save_pretrained(args.out)
+    try:
+        models.load_tokenizer(args.model).save_pretrained(args.out)
+    except (OSError, ValueError) as e:  # a base directory without a tokenizer: the model alone
+        print(f"moka merge: no tokenizer copied ({e})", file=sys.stderr)
+    print(f"moka merge: wrote {args.out} ({'re-quantized ' + args.quant if args.requantize else args.dtype})")
+    return 0
+
+
 def cmd_info(args) -> int:
     import platform
 
@@ -163,6 +260,7 @@ def cmd_info(args) -> int:
 
 
 def main(argv=None) -> int:
+    _drop_optional_kernel_notice()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "info":
@@ -173,7 +271,7 @@ def main(argv=None) -> int:
     from .train import RunError
 
     try:
-        return {"finetune": cmd_finetune, "eval": cmd_eval, "info": cmd_info}[args.command](args)
+        return {"finetune": cmd_finetune, "eval": cmd_eval, "merge": cmd_merge, "info": cmd_info}[args.command](args)
     except (DataError, ModelError, MethodError, RunError, ValueError) as e:
         # ValueError also covers the adapter layer's own checks (e.g. shapes that do not factor).
         print(f"moka: error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Zero-shot log-likelihood multiple-choice accuracy, as lm-evaluation-harness computes it.
 
-Owns the scoring of :class:`moka_ext.data.MultipleChoice` questions:
+Owns the scoring of :class:`moka_ext.finetune.data.MultipleChoice` questions:
 
 - each choice is the continuation ``" " + choice`` of its context; its score is the summed
   log-probability of the continuation tokens given the context (the harness's

@@ -177,22 +177,6 @@ def quantization_config(quant: str, compute_dtype: torch.dtype):
     raise ModelError(f"unknown quantization {quant!r}: use one of {', '.join(QUANT_MODES)}")
 
 
-def disable_cpu_inference_repack(model: torch.nn.Module) -> int:
-    """Keep bitsandbytes from repacking 4-bit weights into its CPU inference layout.
-
-    On CPUs with AVX512-BF16, a ``Linear4bit`` forward in eval mode with no input gradient
-    (our evaluation) rewrites the weight in place into a layout whose matmul has no autograd;
-    every later training forward then silently loses input gradients, and adapters below the
-    top layer stop learning. Evaluation is done before training, so switch it off on every
-    4-bit layer. Returns how many layers were touched."""
-    n = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
-
-
 def dequantize_4bit_layers(model: torch.nn.Module) -> int:
     """Replace every bitsandbytes ``Linear4bit`` by a frozen ``nn.Linear`` holding the weight it
     computes with (``moka_ext.layers.dense_weight``, in its compute dtype).
@@ -200,7 +184,7 @@ def dequantize_4bit_layers(model: torch.nn.Module) -> int:
     The model computes the same function (bitsandbytes' CPU matmul dequantizes to that weight
     and calls ``linear``), as plain dense layers: an adapter trained on the 4-bit model can be
     loaded onto it and merged exactly, and scoring runs at dense speed. Returns the count."""
-    from .layers import base_kind, dense_weight, plain_linear
+    from ..layers import base_kind, dense_weight, plain_linear
 
     replaced = 0
     for parent in list(model.modules()):
@@ -226,6 +210,8 @@ def load_model(name: str, quant: str = "nf4", device: torch.device | str = "cpu"
     """(model, tokenizer), the model frozen-ready on ``device``; ``quant`` as in QUANT_MODES."""
     from transformers import AutoModelForCausalLM
 
+    from ..layers import disable_cpu_inference_repack
+
     device = torch.device(device)
     path = model_dir(name)
     qconfig = quantization_config(quant, torch.bfloat16 if bf16 else torch.float32)
@@ -236,6 +222,8 @@ def load_model(name: str, quant: str = "nf4", device: torch.device | str = "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if qconfig is None:
         model.to(device)
+    # Scoring before training, training and scoring after all run through the same
+    # (differentiable) 4-bit path on every CPU, with or without AVX512-BF16.
     disable_cpu_inference_repack(model)
     model.config.use_cache = False  # training and scoring never decode incrementally
     return model, load_tokenizer(name)
