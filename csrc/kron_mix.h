@@ -79,6 +79,56 @@ struct KronLaunchPlan {
 // kron_mix_fused_forward picks), returns nullptr, or why the kernel declines.
 const char* kron_mix_fused_plan(const KronMixParams& p, FusedImpl impl, KronLaunchPlan* plan);
 
+// kron_mix_indexed: every row of x with its own adapter, in one launch.
+// The rows are sorted by adapter (stable) into `order`; the tokens of the
+// sorted rows form one sequence in which each adapter's tokens are one
+// segment. The schedule cuts every segment into tiles of at most tile_tokens
+// tokens, so a tile never straddles two adapters.
+struct KronIndexedTile {
+  int64_t start;    // first token of the tile in the sorted sequence
+  int32_t adapter;  // -1: the tile's rows of y are zero-filled
+  int32_t count;    // tokens, 1..tile_tokens
+};
+
+// y[row, s, :] = sum_j sum_k gates[a, off_j + k] vec(A_j[a, k] X B_j[a, k]^T),
+// a = row_adapter[row], X = x[row, s, :].view(na_j, nb_j); zero where a = -1.
+// Token (row, s) sits at x + (row * row_tokens + s) * x_token_stride (y alike).
+struct KronIndexedParams {
+  DType dtype;
+  int64_t rows;
+  int64_t row_tokens;  // tokens per row (the product of x's middle dims)
+  int in, out;
+  const void* x;
+  int64_t x_token_stride;
+  void* y;
+  int64_t y_token_stride;
+  const int64_t* order;            // device, rows entries: row indices sorted by adapter
+  const KronIndexedTile* tiles;    // device, n_tiles entries: kron_mix_indexed_schedule's
+  int64_t n_tiles;
+  int n_adapters;
+  const void* gates;               // (n_adapters, sum r), contiguous
+  // Adapter 0's factors; adapter a's start a * r*ma*na (A) and a * r*mb*nb (B)
+  // elements further: A_j is (n_adapters, r, ma, na), contiguous (B_j alike).
+  int n_groups;
+  KronGroupParams groups[kFusedMaxGroups];
+};
+
+// nullptr if the indexed kernel takes `p`'s shapes on the current device
+// (tiles and order are not read), else why not; fills plan->tile_tokens etc.
+const char* kron_mix_indexed_plan(const KronIndexedParams& p, KronLaunchPlan* plan);
+inline const char* kron_mix_indexed_unsupported(const KronIndexedParams& p) {
+  return kron_mix_indexed_plan(p, nullptr);
+}
+
+// The tiles of the schedule for row_counts[a + 1] rows of adapter a
+// (a = -1 .. n_adapters-1; the rows of -1 sort first), written to `tiles`
+// unless it is nullptr; returns how many.
+int64_t kron_mix_indexed_schedule(
+    const int64_t* row_counts, int n_adapters, int64_t row_tokens, int tile_tokens, KronIndexedTile* tiles);
+
+// One launch over p.n_tiles tiles. cudaErrorNotSupported when the planner declines.
+cudaError_t kron_mix_indexed_forward(const KronIndexedParams& p, cudaStream_t stream);
+
 // Factor gradients of the backward, for float16/bfloat16, per component k of
 // group j (sums over tokens t, X_t and dY_t viewed as in the forward):
 //   dA_k = g_k sum_t dY_t B_k X_t^T,  dB_k = g_k sum_t dY_t^T A_k X_t,

@@ -14,6 +14,10 @@
 //                     [--impl auto|v1|v2]
 //   moka_sim plan     --tokens T --groups ... [--impl ...]  (the planners' launch plans of the
 //                     forward and the factor gradients as JSON lines, for benchmarks/kernel_model.py)
+//   moka_sim indexed  --dtype f16 --rows R --row-tokens S --adapters N --groups ... [--x-stride S]
+//                     [--y-stride S] [--offset E]  (kron_mix_indexed: row_adapter.bin holds R
+//                     int64 entries in [-1, N); A_j, B_j, gates carry N adapters; the harness
+//                     sorts the rows and builds the schedule as the ATen glue does)
 //   moka_sim grad     --dtype f16 --tokens T --groups ... [--x-stride S] [--gy-stride S] [--offset E]
 //   moka_sim softmax_fwd | softmax_bwd --dtype f32 --rows R --n N --inv-temp V
 //   moka_sim limits   --grid x,y,z --block x,y,z --smem N [--opt-in N]   (a trivial kernel)
@@ -39,7 +43,7 @@ using moka::cuda::DType;
 struct Args {
   std::string op, dir = ".", dtype = "bf16", groups, impl = "auto";
   long long tokens = 0, x_stride = -1, y_stride = -1, base_stride = -1, gy_stride = -1, offset = 0;
-  long long rows = 0, n = 0, smem = 0, opt_in = -1;
+  long long rows = 0, n = 0, smem = 0, opt_in = -1, row_tokens = 1, adapters = 1;
   dim3 grid{1, 1, 1}, block{1, 1, 1};
   std::string name;
   double inv_temp = 1.0;
@@ -78,6 +82,8 @@ Args parse(int argc, char** argv) {
     else if (k == "--gy-stride") a.gy_stride = std::atoll(val());
     else if (k == "--offset") a.offset = std::atoll(val());
     else if (k == "--rows") a.rows = std::atoll(val());
+    else if (k == "--row-tokens") a.row_tokens = std::atoll(val());
+    else if (k == "--adapters") a.adapters = std::atoll(val());
     else if (k == "--n") a.n = std::atoll(val());
     else if (k == "--inv-temp") a.inv_temp = std::atof(val());
     else if (k == "--grid") a.grid = parse_dim3(val());
@@ -299,6 +305,69 @@ int run_fwd(const Args& a) {
   p.y_row_stride = a.y_stride < 0 ? p.out : a.y_stride;
   p.y = b.out("y", b.rows(a.tokens, p.out, p.y_row_stride));
   const cudaError_t err = moka::cuda::kron_mix_fused_forward(p, nullptr, impl);
+  if (err == cudaSuccess) b.write_outputs();
+  return finish(err);
+}
+
+// kron_mix_indexed: the host side of csrc/cuda/ops_cuda.cpp's glue (stable
+// sort of the rows by adapter, per-adapter row counts, the schedule), then
+// one launch.
+int run_indexed(const Args& a) {
+  const DType dt = dtype_of(a.dtype);
+  const auto gs = parse_groups(a.groups);
+  moka::cuda::KronIndexedParams p{};
+  p.dtype = dt;
+  p.rows = a.rows;
+  p.row_tokens = a.row_tokens;
+  p.n_adapters = int(a.adapters);
+  p.in = gs[0].na * gs[0].nb;
+  p.out = gs[0].ma * gs[0].mb;
+  p.n_groups = int(gs.size());
+  int off = 0;
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    p.groups[j] = moka::cuda::KronGroupParams{nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
+    off += g.r;
+  }
+  moka::cuda::KronLaunchPlan lp{};
+  const char* why = moka::cuda::kron_mix_indexed_plan(p, &lp);
+  std::printf("verdict: %s\n", why ? why : "ok");
+  if (a.verdict_only) return 0;
+  if (why != nullptr) return finish(moka::cuda::kron_mix_indexed_forward(p, nullptr));  // must decline too
+  const size_t n_rows = size_t(a.rows);
+  std::vector<int64_t> counts(size_t(a.adapters) + 1, 0), order(n_rows);
+  const int64_t* ra = nullptr;
+  if (!a.dry_run) {
+    ra = reinterpret_cast<const int64_t*>(read_input(a, "row_adapter", n_rows * sizeof(int64_t)));
+    for (size_t i = 0; i < n_rows; ++i) {
+      if (ra[i] < -1 || ra[i] >= a.adapters) usage("row_adapter out of [-1, adapters)");
+      ++counts[size_t(ra[i] + 1)];
+    }
+    std::vector<int64_t> next(counts.size(), 0);
+    for (size_t c = 1; c < counts.size(); ++c) next[c] = next[c - 1] + counts[c - 1];
+    for (size_t i = 0; i < n_rows; ++i) order[size_t(next[size_t(ra[i] + 1)]++)] = int64_t(i);
+  } else {
+    counts[1] = a.rows;  // a dry run: every row on adapter 0
+  }
+  p.n_tiles = moka::cuda::kron_mix_indexed_schedule(counts.data(), p.n_adapters, p.row_tokens, lp.tile_tokens, nullptr);
+  std::vector<moka::cuda::KronIndexedTile> tiles(size_t(p.n_tiles));
+  moka::cuda::kron_mix_indexed_schedule(counts.data(), p.n_adapters, p.row_tokens, lp.tile_tokens, tiles.data());
+  std::printf("schedule: tile_tokens=%d tiles=%lld\n", lp.tile_tokens, (long long)p.n_tiles);
+  p.order = order.data();
+  p.tiles = tiles.data();
+  Buffers b(a, elem_size(dt));
+  const long long tokens = a.rows * a.row_tokens;
+  p.x_token_stride = a.x_stride < 0 ? p.in : a.x_stride;
+  p.x = b.in("x", b.rows(tokens, p.in, p.x_token_stride));
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    p.groups[j].A = b.in("A" + std::to_string(j), b.flat(size_t(a.adapters) * g.r * g.ma * g.na));
+    p.groups[j].B = b.in("B" + std::to_string(j), b.flat(size_t(a.adapters) * g.r * g.mb * g.nb));
+  }
+  p.gates = b.in("gates", b.flat(size_t(a.adapters) * off));
+  p.y_token_stride = a.y_stride < 0 ? p.out : a.y_stride;
+  p.y = b.out("y", b.rows(tokens, p.out, p.y_token_stride));
+  const cudaError_t err = moka::cuda::kron_mix_indexed_forward(p, nullptr);
   if (err == cudaSuccess) b.write_outputs();
   return finish(err);
 }
@@ -526,12 +595,13 @@ int main(int argc, char** argv) {
   int rc;
   if (a.op == "fwd") rc = run_fwd(a);
   else if (a.op == "grad") rc = run_grad(a);
+  else if (a.op == "indexed") rc = run_indexed(a);
   else if (a.op == "plan") rc = run_plan(a);
   else if (a.op == "softmax_fwd") rc = run_softmax(a, false);
   else if (a.op == "softmax_bwd") rc = run_softmax(a, true);
   else if (a.op == "limits") rc = run_limits(a);
   else if (a.op == "selftest") rc = selftest(a);
-  else usage("op must be fwd, grad, softmax_fwd, softmax_bwd, limits or selftest");
+  else usage("op must be fwd, indexed, grad, softmax_fwd, softmax_bwd, limits or selftest");
   for (void* p : g_allocs) std::free(p);
   return rc;
 }
