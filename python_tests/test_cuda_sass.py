@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(
 LOW_PRECISION = ("__half", "__nv_bfloat16")
 # The kron kernels that do the matrix products (the gradient reduction, also a
 # kron kernel, only adds).
-MMA_KERNELS = ("kron_mix_fused_fwd_kernel", "kron_mix_fused_fwd_v2_kernel", "kron_mix_grad_factors_kernel")
+MMA_KERNELS = ("kron_mix_fused_fwd_kernel", "kron_mix_fused_fwd_v2_kernel", "kron_mix_grad_factors_kernel",
+               "kron_mix_indexed_fwd_kernel")
 # The v2 kernels: ldmatrix fragments, cp.async tiles, and the CTAs per SM
 # (of 256 threads) their planner launches: one persistent CTA per SM.
 V2_KERNELS = {"kron_mix_fused_fwd_v2_kernel": {"threads": 256, "ctas_per_sm": 1}}
