@@ -358,27 +358,29 @@ size_t indexed_smem_bytes(const KronIndexedParams& p, int tt, IndexedPlan* plan)
   return q.smem_bytes;
 }
 
-// Fills *plan (if non-null) and returns nullptr, or returns why not. The
-// limits are the fused forward's (the same tiling), the tile size v1's.
+// The fused forward problem with the same shapes over `tokens` tokens, whose
+// v1 planner sets the limits and the tile of this kernel (the same tiling).
+KronMixParams fused_equivalent(const KronIndexedParams& p, int64_t tokens) {
+  KronMixParams q{};
+  q.dtype = p.dtype;
+  q.tokens = tokens;
+  q.in = p.in;
+  q.out = p.out;
+  q.n_groups = p.n_groups;
+  for (int j = 0; j < p.n_groups && j < kFusedMaxGroups; ++j) q.groups[j] = p.groups[j];
+  return q;
+}
+
+// Fills *plan (if non-null) and returns nullptr, or returns why not.
 const char* make_indexed_plan(const KronIndexedParams& p, IndexedPlan* plan) {
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    return "the fused kernel takes float16/bfloat16 only";
-  if (p.n_groups < 1 || p.n_groups > kFusedMaxGroups) return "more groups than the fused kernel takes (8)";
   if (p.rows < 0 || p.row_tokens < 1) return "negative row count or empty rows";
   if (p.n_adapters < 1) return "no adapters";
-  int tt = 1 << 30;
-  for (int j = 0; j < p.n_groups; ++j) {
-    const KronGroupParams& g = p.groups[j];
-    if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
-    if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
-        g.nb > kFusedMaxFactorDim)
-      return "a factor dimension exceeds the fused kernel's limit (128)";
-    const int t = stage2_token_cap(g.ma, g.mb);
-    tt = t < tt ? t : tt;
-  }
   const int64_t tokens = p.rows * p.row_tokens;
-  if (tokens > 0 && tokens < tt) tt = static_cast<int>(tokens);
+  KronLaunchPlan v1{};
+  if (const char* why = detail::fused_v1_plan(fused_equivalent(p, tokens), &v1)) return why;
+  // v1's tile, less what the tile's token indices take of shared memory.
   const size_t limit = static_cast<size_t>(max_dynamic_smem());
+  int tt = v1.tile_tokens;
   for (; tt >= 1; --tt) {
     if (indexed_smem_bytes(p, tt, plan) <= limit) break;
   }
@@ -418,22 +420,13 @@ const char* kron_mix_indexed_plan(const KronIndexedParams& p, KronLaunchPlan* ou
   q.threads = kThreads;
   q.stages = 1;
   q.factor_loads = 0;  // per tile
-  q.barriers_per_tile = 1;
-  for (int j = 0; j < p.n_groups; ++j) q.barriers_per_tile += 1 + 3 * p.groups[j].r;
+  // Per tile the work of v1's tile of the same size (a partial tile does less).
+  KronLaunchPlan v1{};
+  detail::fused_v1_plan(fused_equivalent(p, plan.tt), &v1);
+  q.barriers_per_tile = v1.barriers_per_tile;
   q.smem_bytes = plan.smem_bytes;
-  // As v1's: x and the factors written into shared memory, the two stages,
-  // the group sums into Ys and the epilogue's read of it.
-  TileCounts c;
-  for (int j = 0; j < p.n_groups; ++j) {
-    const KronGroupParams& g = p.groups[j];
-    count_two_stage(plan.tt, g.r, g.ma, g.na, g.mb, g.nb, &c);
-    c.smem += int64_t(plan.tt) * p.in * 2;
-    c.smem += int64_t(g.r) * (round_up(g.ma, 16) * round_up(g.na, 16) + round_up(g.mb, 16) * round_up(g.nb, 16)) * 2;
-    c.smem += int64_t(plan.tt) * p.out * 4 * (j == 0 ? 1 : 2);
-  }
-  c.smem += int64_t(plan.tt) * p.out * 4;
-  q.mma_per_tile = c.mma;
-  q.smem_bytes_per_tile = c.smem;
+  q.mma_per_tile = v1.mma_per_tile;
+  q.smem_bytes_per_tile = v1.smem_bytes_per_tile;
   *out = q;
   return nullptr;
 }
