@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run of at most ~8 minutes on a GPU machine (torch
 # 2.11+cu130, nvcc 13.0, no network): rebuild the extension for sm_90a only,
-# run the CUDA tests and the SASS test, build and run the C++ microbenchmarks,
+# run the CUDA tests and the SASS test, build and run the C++ microbenchmarks
+# (fused v2 and v1, the cuBLAS path, dense, with the copy and GEMM ceilings),
+# print them against the performance model,
 # run benchmarks/bench_ops.py --device cuda --quick if present, and print a
 # results table last. Logs go to $OUT (if set) or ./gpu_check_logs.
 #
@@ -59,6 +61,13 @@ if [ -x "$BENCH_BUILD/bench_kron" ]; then
   step bench_cpp 60 "$BENCH_BUILD/bench_kron" --quick
 fi
 
+# The model's estimates for the same cells (benchmarks/kernel_model.py reads
+# the planners through the simulator harness and the built kernels'
+# registers through cuobjdump).
+if [ -s "$LOG/bench_cpp.log" ]; then
+  step model 120 "$PY" benchmarks/kernel_model.py --compare "$LOG/bench_cpp.log"
+fi
+
 if [ -f benchmarks/bench_ops.py ] && [ $built -eq 0 ]; then
   step bench_ops 50 "$PY" benchmarks/bench_ops.py --device cuda --quick
 fi
@@ -70,6 +79,9 @@ echo
 echo "== C++ microbenchmarks (T=8192) =="
 grep -E "^(device|ceilings|pass)" "$LOG/bench_cpp.log" 2>/dev/null
 grep -E " 8192 " "$LOG/bench_cpp.log" 2>/dev/null
+echo
+echo "== measured vs model (T=8192; model: benchmarks/kernel_model.py) =="
+cat "$LOG/model.log" 2>/dev/null
 echo
 echo "== bench_ops.py --device cuda --quick =="
 tail -n 25 "$LOG/bench_ops.log" 2>/dev/null

@@ -43,12 +43,91 @@ struct KronMixParams {
   KronGroupParams groups[kFusedMaxGroups];
 };
 
-// nullptr if the fused kernel takes `p` on the current device, else why not.
-const char* kron_mix_fused_unsupported(const KronMixParams& p);
+// The fused forward kernels. kAuto: v2 (persistent CTAs, resident factors,
+// a cp.async ring, ldmatrix; csrc/cuda/kron_mix_fused_v2.cu) when it takes the
+// problem, else v1 (one CTA per token tile; csrc/cuda/kron_mix_fused.cu),
+// which stays as the baseline of the microbenchmark and the performance model.
+enum class FusedImpl : int { kAuto = 0, kV2 = 2, kV1 = 1 };
+
+// nullptr if the fused kernel `impl` takes `p` on the current device, else why not.
+const char* kron_mix_fused_unsupported(const KronMixParams& p, FusedImpl impl = FusedImpl::kAuto);
 
 // Fused forward (tensor-core MMA for float16/bfloat16). Returns the launch
-// error, or cudaErrorNotSupported when kron_mix_fused_unsupported(p) != nullptr.
-cudaError_t kron_mix_fused_forward(const KronMixParams& p, cudaStream_t stream);
+// error, or cudaErrorNotSupported when kron_mix_fused_unsupported(p, impl) != nullptr.
+cudaError_t kron_mix_fused_forward(
+    const KronMixParams& p, cudaStream_t stream, FusedImpl impl = FusedImpl::kAuto);
+
+// What a planner chose for one launch of a kernel, as the performance model
+// (benchmarks/kernel_model.py) reads it through the simulator harness.
+struct KronLaunchPlan {
+  int tile_tokens;        // tokens per tile
+  int64_t tiles;          // token tiles of the problem
+  int64_t ctas;           // CTAs of the launch (all grid dims)
+  int threads;            // per CTA
+  int stages;             // x tiles in flight per CTA (1: loaded synchronously)
+  int factor_loads;       // times each CTA loads each factor: 1 (resident) or per tile
+  int barriers_per_tile;  // CTA barriers per token tile (all groups)
+  size_t smem_bytes;      // dynamic shared memory per CTA
+  // Per token tile, all groups and components (for the gradient kernel: all
+  // jobs), counted by walking the kernel's warp tiling: m16n8k16 MMAs, and
+  // shared-memory bytes moved (fragment loads, tile and staging writes/reads).
+  int64_t mma_per_tile;
+  int64_t smem_bytes_per_tile;
+};
+
+// Fills *plan for the forward kernel `impl` would launch (kAuto: the one
+// kron_mix_fused_forward picks), returns nullptr, or why the kernel declines.
+const char* kron_mix_fused_plan(const KronMixParams& p, FusedImpl impl, KronLaunchPlan* plan);
+
+// kron_mix_indexed: every row of x with its own adapter, in one launch.
+// The rows are sorted by adapter (stable) into `order`; the tokens of the
+// sorted rows form one sequence in which each adapter's tokens are one
+// segment. The schedule cuts every segment into tiles of at most tile_tokens
+// tokens, so a tile never straddles two adapters.
+struct KronIndexedTile {
+  int64_t start;    // first token of the tile in the sorted sequence
+  int32_t adapter;  // -1: the tile's rows of y are zero-filled
+  int32_t count;    // tokens, 1..tile_tokens
+};
+
+// y[row, s, :] = sum_j sum_k gates[a, off_j + k] vec(A_j[a, k] X B_j[a, k]^T),
+// a = row_adapter[row], X = x[row, s, :].view(na_j, nb_j); zero where a = -1.
+// Token (row, s) sits at x + (row * row_tokens + s) * x_token_stride (y alike).
+struct KronIndexedParams {
+  DType dtype;
+  int64_t rows;
+  int64_t row_tokens;  // tokens per row (the product of x's middle dims)
+  int in, out;
+  const void* x;
+  int64_t x_token_stride;
+  void* y;
+  int64_t y_token_stride;
+  const int64_t* order;            // device, rows entries: row indices sorted by adapter
+  const KronIndexedTile* tiles;    // device, n_tiles entries: kron_mix_indexed_schedule's
+  int64_t n_tiles;
+  int n_adapters;
+  const void* gates;               // (n_adapters, sum r), contiguous
+  // Adapter 0's factors; adapter a's start a * r*ma*na (A) and a * r*mb*nb (B)
+  // elements further: A_j is (n_adapters, r, ma, na), contiguous (B_j alike).
+  int n_groups;
+  KronGroupParams groups[kFusedMaxGroups];
+};
+
+// nullptr if the indexed kernel takes `p`'s shapes on the current device
+// (tiles and order are not read), else why not; fills plan->tile_tokens etc.
+const char* kron_mix_indexed_plan(const KronIndexedParams& p, KronLaunchPlan* plan);
+inline const char* kron_mix_indexed_unsupported(const KronIndexedParams& p) {
+  return kron_mix_indexed_plan(p, nullptr);
+}
+
+// The tiles of the schedule for row_counts[a + 1] rows of adapter a
+// (a = -1 .. n_adapters-1; the rows of -1 sort first), written to `tiles`
+// unless it is nullptr; returns how many.
+int64_t kron_mix_indexed_schedule(
+    const int64_t* row_counts, int n_adapters, int64_t row_tokens, int tile_tokens, KronIndexedTile* tiles);
+
+// One launch over p.n_tiles tiles. cudaErrorNotSupported when the planner declines.
+cudaError_t kron_mix_indexed_forward(const KronIndexedParams& p, cudaStream_t stream);
 
 // Factor gradients of the backward, for float16/bfloat16, per component k of
 // group j (sums over tokens t, X_t and dY_t viewed as in the forward):
@@ -86,6 +165,9 @@ const char* kron_mix_fused_grad_unsupported(const KronGradParams& p);
 // Bytes of device workspace kron_mix_fused_grad_factors needs for `p` on the
 // current device.
 size_t kron_mix_fused_grad_workspace_bytes(const KronGradParams& p);
+
+// The factor-gradient kernel's plan (kernel = 0) or the reduce kernel's (1).
+const char* kron_mix_fused_grad_plan(const KronGradParams& p, int kernel, KronLaunchPlan* plan);
 
 cudaError_t kron_mix_fused_grad_factors(
     const KronGradParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);

@@ -226,7 +226,7 @@ def _rows_by_adapter(row_adapter: Tensor, n_adapters: int):
 
 def kron_mix_indexed_generic(x, row_adapter, A, B, gates):
     """kron_mix_indexed from kron_mix calls on each adapter's rows, for any device with a
-    kron_mix kernel (the CUDA registration until a fused kernel exists)."""
+    kron_mix kernel (CUDA has its own one-launch kernel, csrc/cuda/kron_mix_indexed.cu)."""
     y = x.new_zeros((*x.shape[:-1], A[0].shape[2] * B[0].shape[2]))
     for a, rows in _rows_by_adapter(row_adapter, gates.shape[0]):
         ya = torch.ops.moka.kron_mix.default(x.index_select(0, rows), [t[a] for t in A], [t[a] for t in B], gates[a])
@@ -251,5 +251,5 @@ def kron_mix_indexed_backward_generic(grad_y, x, row_adapter, A, B, gates):
     return gx, gA, gB, gg
 
 
-torch.library.register_kernel("moka::kron_mix_indexed", "cuda", kron_mix_indexed_generic)
+# The backward on CUDA: the per-adapter composition of kron_mix_backward.
 torch.library.register_kernel("moka::kron_mix_indexed_backward", "cuda", kron_mix_indexed_backward_generic)

@@ -9,6 +9,7 @@ rounded inputs. test_cuda_sim.py uses it; a kernel author runs one case by hand:
     python python_tests/cuda_sim.py fwd --dtype bf16 --tokens 37 --groups 3:5:7:3:9
     python python_tests/cuda_sim.py grad --dtype f16 --tokens 9 --groups 2:16:16:16:16 --seed 2
     python python_tests/cuda_sim.py dx --dtype bf16 --tokens 5 --groups 1:24:24:24:24 --offset 1
+    python python_tests/cuda_sim.py fwd --impl v1 --dtype bf16 --tokens 37 --groups 3:5:7:3:9
 
 which prints the launches (grid, block, shared memory) and, per output, the
 first difference (token, row, column, expected, got) or that it matches;
@@ -152,7 +153,8 @@ Group = tuple[int, int, int, int, int]  # (r, ma, na, mb, nb)
 class Case:
     """One call of a kernel entry point, with the layout of its buffers."""
 
-    op: str  # "fwd" (y = [base +] mix(x)), "dx" (the forward on dY and the transposed factors), "grad"
+    op: str  # "fwd" (y = [base +] mix(x)), "dx" (the forward on dY and the transposed factors), "grad",
+    # "indexed" (kron_mix_indexed: tokens = len(row_adapter) * row_tokens)
     dtype: torch.dtype
     tokens: int
     groups: list[Group]
@@ -163,6 +165,10 @@ class Case:
     seed: int = 0  # schedule seed of the simulator
     data_seed: int = 0
     arch: str = "sm_90"
+    impl: str = "auto"  # the forward kernel ("fwd", "dx"): auto (v2, else v1), v1 or v2
+    row_adapter: Optional[list] = None  # "indexed": each row's adapter in [-1, n_adapters)
+    n_adapters: int = 1
+    row_tokens: int = 1
 
     @property
     def in_features(self) -> int:
@@ -183,6 +189,7 @@ class Result:
     expected: dict  # name -> float64 tensor
     bounds: dict  # name -> float64 tensor: sum of |terms| of each output element
     raw: dict  # name -> bytes of the output buffer (for bitwise comparisons)
+    schedule: str = ""  # "indexed": the harness's "schedule: tile_tokens=.. tiles=.." line
 
 
 def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -198,11 +205,12 @@ def make_inputs(case: Case) -> dict:
 
     T, n_in, n_out = case.tokens, case.in_features, case.out_features
     n_comp = sum(gr[0] for gr in case.groups)
+    lead = (case.n_adapters,) if case.op == "indexed" else ()  # one set of factors and gates per adapter
     d = {
         "x": rnd(T, n_in),
-        "A": [rnd(r, ma, na, scale=na**-0.5) for r, ma, na, _, _ in case.groups],
-        "B": [rnd(r, mb, nb, scale=nb**-0.5) for r, _, _, mb, nb in case.groups],
-        "gates": rnd(n_comp, scale=n_comp**-0.5),
+        "A": [rnd(*lead, r, ma, na, scale=na**-0.5) for r, ma, na, _, _ in case.groups],
+        "B": [rnd(*lead, r, mb, nb, scale=nb**-0.5) for r, _, _, mb, nb in case.groups],
+        "gates": rnd(*lead, n_comp, scale=n_comp**-0.5),
         "gy": rnd(T, n_out),
     }
     if case.base:
@@ -245,6 +253,18 @@ def expected_and_bounds(case: Case, d: dict) -> tuple[dict, dict]:
     # The factored form of the same math for wide layers, where dW is large.
     mix = reference.kron_mix if case.in_features * case.out_features <= 1 << 20 else reference.kron_mix_factored
     A, B, g, x, gy = d["A"], d["B"], d["gates"], d["x"], d["gy"]
+    if case.op == "indexed":
+        # A per-row loop of the reference: each row's tokens with its adapter, zero for -1.
+        S = case.row_tokens
+        y, bound = torch.zeros(x.shape[0], case.out_features, dtype=torch.float64), None
+        bound = torch.zeros_like(y)
+        for i, a in enumerate(case.row_adapter):
+            if a < 0:
+                continue
+            xi = x[i * S : (i + 1) * S]
+            y[i * S : (i + 1) * S] = mix(xi, [t[a] for t in A], [t[a] for t in B], g[a])
+            bound[i * S : (i + 1) * S] = mix(xi.abs(), [t[a].abs() for t in A], [t[a].abs() for t in B], g[a].abs())
+        return {"y": y}, {"y": bound}
     if case.op == "fwd":
         y = mix(x, A, B, g)
         bound = mix(x.abs(), [a.abs() for a in A], [b.abs() for b in B], g.abs())
@@ -286,10 +306,19 @@ def run(case: Case, dry_run: bool = False, verdict_only: bool = False, binary: O
     groups = case.groups
     with tempfile.TemporaryDirectory(prefix="moka_sim_") as tmp:
         tmp = Path(tmp)
-        harness_op = "grad" if case.op == "grad" else "fwd"
+        harness_op = case.op if case.op in ("grad", "indexed") else "fwd"
         args = [str(binary), harness_op, "--dir", str(tmp), "--dtype", NAMES[dt], "--tokens", str(T),
                 "--offset", str(off), "--seed", str(case.seed), "--arch", case.arch]
-        if case.op == "fwd":
+        if case.op in ("fwd", "dx"):
+            args += ["--impl", case.impl]
+        if case.op == "indexed":
+            args += ["--groups", _groups_arg(groups), "--rows", str(len(case.row_adapter)),
+                     "--row-tokens", str(case.row_tokens), "--adapters", str(case.n_adapters)]
+            if case.x_stride is not None:
+                args += ["--x-stride", str(case.x_stride)]
+            if case.y_stride is not None:
+                args += ["--y-stride", str(case.y_stride)]
+        elif case.op == "fwd":
             args += ["--groups", _groups_arg(groups)]
             if case.x_stride is not None:
                 args += ["--x-stride", str(case.x_stride)]
@@ -313,7 +342,14 @@ def run(case: Case, dry_run: bool = False, verdict_only: bool = False, binary: O
         if verdict_only:
             args.append("--verdict-only")
         if not (dry_run or verdict_only):
-            if case.op == "fwd":
+            if case.op == "indexed":
+                (tmp / "row_adapter.bin").write_bytes(
+                    torch.tensor(case.row_adapter, dtype=torch.int64).numpy().tobytes())
+                _write(tmp / "x.bin", d["x"], dt, off, case.x_stride)
+                for j, (a, b) in enumerate(zip(d["A"], d["B"])):
+                    _write(tmp / f"A{j}.bin", a.reshape(1, -1), dt, off)
+                    _write(tmp / f"B{j}.bin", b.reshape(1, -1), dt, off)
+            elif case.op == "fwd":
                 _write(tmp / "x.bin", d["x"], dt, off, case.x_stride)
                 for j, (a, b) in enumerate(zip(d["A"], d["B"])):
                     _write(tmp / f"A{j}.bin", a.reshape(1, -1), dt, off)
@@ -344,9 +380,10 @@ def run(case: Case, dry_run: bool = False, verdict_only: bool = False, binary: O
         verdict = next((ln[len("verdict: "):] for ln in lines if ln.startswith("verdict: ")), "")
         result = next((ln[len("result: "):] for ln in lines if ln.startswith("result: ")), "")
         launches = [ln for ln in lines if ln.startswith("launch ")]
+        schedule = next((ln for ln in lines if ln.startswith("schedule: ")), "")
         outputs, raw = {}, {}
         expected, bounds = {}, {}
-        if result == "cudaSuccess" and not dry_run:
+        if result == "cudaSuccess" and not dry_run and not (case.op == "indexed" and verdict != "ok"):
             expected, bounds = expected_and_bounds(case, d)
             for name, ref in expected.items():
                 if name == "y":
@@ -356,7 +393,7 @@ def run(case: Case, dry_run: bool = False, verdict_only: bool = False, binary: O
                     n, w, stride = 1, ref.numel(), None
                 got, raw[name] = _read(tmp / f"{name}.bin", dt, off, n, w, stride)
                 outputs[name] = got.reshape(ref.shape)
-    return Result(verdict, result, launches, out, outputs, expected, bounds, raw)
+    return Result(verdict, result, launches, out, outputs, expected, bounds, raw, schedule)
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -376,7 +413,7 @@ def first_difference(case: Case, res: Result) -> Optional[str]:
             continue
         idx = tuple(int(i) for i in bad.nonzero()[0])
         if name == "y":
-            mb = case.groups[0][3] if case.op == "fwd" else case.groups[0][4]
+            mb = case.groups[0][3] if case.op in ("fwd", "indexed") else case.groups[0][4]
             t, o = idx
             where = f"token {t}, row {o // mb}, column {o % mb} (element {o} of {exp.shape[1]})"
         elif name == "dg":
@@ -445,9 +482,12 @@ def main(argv=None) -> int:
             print(build_cute_check())
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("op", choices=["fwd", "dx", "grad"], help="or `build`: only build the simulation binaries")
+    ap.add_argument("op", choices=["fwd", "dx", "grad", "indexed"], help="or `build`: only build the simulation binaries")
     ap.add_argument("--dtype", choices=["f16", "bf16"], default="bf16")
-    ap.add_argument("--tokens", type=int, required=True)
+    ap.add_argument("--tokens", type=int, help="tokens (fwd, dx, grad)")
+    ap.add_argument("--row-adapter", help="indexed: each row's adapter, comma-separated (-1: none)")
+    ap.add_argument("--adapters", type=int, default=1, help="indexed: number of adapters")
+    ap.add_argument("--row-tokens", type=int, default=1, help="indexed: tokens per row")
     ap.add_argument("--groups", required=True, help="r:ma:na:mb:nb[,...]")
     ap.add_argument("--base", action="store_true")
     ap.add_argument("--x-stride", type=int)
@@ -456,12 +496,24 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="schedule seed")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--arch", choices=["sm_90", "sm_80"], default="sm_90")
+    ap.add_argument("--impl", choices=["auto", "v1", "v2"], default="auto", help="forward kernel (fwd, dx)")
     a = ap.parse_args(argv)
     groups = [tuple(int(v) for v in g.split(":")) for g in a.groups.split(",")]
+    extra = {}
+    if a.op == "indexed":
+        if not a.row_adapter:
+            ap.error("indexed needs --row-adapter")
+        ra = [int(v) for v in a.row_adapter.split(",")]
+        extra = dict(row_adapter=ra, n_adapters=a.adapters, row_tokens=a.row_tokens)
+        a.tokens = len(ra) * a.row_tokens
+    elif a.tokens is None:
+        ap.error(f"{a.op} needs --tokens")
     case = Case(a.op, DTYPES[a.dtype], a.tokens, groups, base=a.base, x_stride=a.x_stride, y_stride=a.y_stride,
-                offset=a.offset, seed=a.seed, data_seed=a.data_seed, arch=a.arch)
+                offset=a.offset, seed=a.seed, data_seed=a.data_seed, arch=a.arch, impl=a.impl, **extra)
     res = run(case)
     print(f"verdict: {res.verdict}")
+    if res.schedule:
+        print(res.schedule)
     for ln in res.launches:
         print(ln)
     print(f"result: {res.result}")

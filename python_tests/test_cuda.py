@@ -67,7 +67,7 @@ def impl(monkeypatch, request):
     return request.param
 
 
-@pytest.mark.parametrize("impl", ["auto", "cublas"], indirect=True)
+@pytest.mark.parametrize("impl", ["auto", "fused_v1", "cublas"], indirect=True)
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("dtype", LOW)
 def test_low_precision_error_at_most_twice_plain_pytorch(impl, name, dtype):
@@ -88,7 +88,7 @@ def test_low_precision_error_at_most_twice_plain_pytorch(impl, name, dtype):
         assert ek <= 2 * ep + slack, f"{name} {dtype} {label}: kernel error {ek:.3g} > 2x plain {ep:.3g}"
 
 
-@pytest.mark.parametrize("impl", ["auto", "cublas"], indirect=True)
+@pytest.mark.parametrize("impl", ["auto", "fused_v1", "cublas"], indirect=True)
 @pytest.mark.parametrize("name", ["tiny", "odd_dims", "hetero_small", "b_256_fallback"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_full_precision_matches_reference(impl, name, dtype):

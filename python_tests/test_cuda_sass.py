@@ -3,7 +3,10 @@
 Reads the `_C` shared object with cuobjdump (shipped in triton's wheel, which
 torch's CUDA wheels pull in) and checks, for every compiled arch, that the
 float16/bfloat16 Kronecker-mixture kernels use tensor-core MMA (HMMA, or
-Hopper's HGMMA) and that no kron kernel touches local memory (spills).
+Hopper's HGMMA), that no kron kernel touches local memory (spills), and that
+the v2 forward loads its fragments with ldmatrix (LDSM) and its tiles with
+cp.async (LDGSTS) within the register budget of the CTAs per SM its planner
+plans for.
 """
 from __future__ import annotations
 
@@ -26,7 +29,12 @@ pytestmark = pytest.mark.skipif(
 LOW_PRECISION = ("__half", "__nv_bfloat16")
 # The kron kernels that do the matrix products (the gradient reduction, also a
 # kron kernel, only adds).
-MMA_KERNELS = ("kron_mix_fused_fwd_kernel", "kron_mix_grad_factors_kernel")
+MMA_KERNELS = ("kron_mix_fused_fwd_kernel", "kron_mix_fused_fwd_v2_kernel", "kron_mix_grad_factors_kernel",
+               "kron_mix_indexed_fwd_kernel")
+# The v2 kernels: ldmatrix fragments, cp.async tiles, and the CTAs per SM
+# (of 256 threads) their planner launches: one persistent CTA per SM.
+V2_KERNELS = {"kron_mix_fused_fwd_v2_kernel": {"threads": 256, "ctas_per_sm": 1}}
+REGS_PER_SM = 65536
 
 
 def cuobjdump() -> str:
@@ -126,3 +134,29 @@ def test_kron_kernels_use_no_local_memory(resources):
 def test_kernel_names_say_what_they_are(sass):
     for (_, name) in sass:
         assert "kron" in name or "gate_softmax" in name, f"unexpected kernel name {name}"
+
+
+def test_v2_kernels_use_ldmatrix_and_cp_async(sass):
+    checked = 0
+    for (arch, name), body in sass.items():
+        if not any(k in name for k in V2_KERNELS) or not any(t in name for t in LOW_PRECISION):
+            continue
+        assert re.search(r"\bLDSM\.16\.M88\.(2|4)\b", body), f"{name} ({arch}) has no ldmatrix (LDSM)"
+        assert re.search(r"\bLDGSTS\b", body), f"{name} ({arch}) has no cp.async (LDGSTS)"
+        assert re.search(r"\bLDGDEPBAR\b", body) and re.search(r"\bDEPBAR\b", body), (
+            f"{name} ({arch}): cp.async groups are not committed and waited for")
+        checked += 1
+    assert checked == len(V2_KERNELS) * len(LOW_PRECISION) * len(built_archs())
+
+
+def test_v2_kernels_fit_the_planned_ctas_per_sm(resources):
+    checked = 0
+    for (arch, name), body in resources.items():
+        plan = next((v for k, v in V2_KERNELS.items() if k in name), None)
+        if plan is None:
+            continue
+        regs = int(re.search(r"REG:(\d+)", body).group(1))
+        budget = min(255, REGS_PER_SM // (plan["threads"] * plan["ctas_per_sm"]))
+        assert regs <= budget, f"{name} ({arch}) uses {regs} registers, budget {budget}"
+        checked += 1
+    assert checked == len(V2_KERNELS) * len(LOW_PRECISION) * len(built_archs())

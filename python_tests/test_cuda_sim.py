@@ -1,8 +1,8 @@
 """The CUDA kernels of csrc/cuda, executed on the CPU under the SIMT simulator.
 
-Every kernel (fused forward with and without base, dX through the transposed
-factors, the factor-gradient and reduce kernels, gate_softmax forward and
-backward) runs in float16 and bfloat16 against moka_ext.reference computed in
+Every kernel (fused forward v2 and v1 with and without base, dX through the
+transposed factors, the factor-gradient and reduce kernels, gate_softmax
+forward and backward) runs in float16 and bfloat16 against moka_ext.reference computed in
 float64 from the same rounded inputs, under AddressSanitizer and UBSan, with
 shuffled schedules and NaN-poisoned shared memory (cuda_sim.py, csrc/cuda/sim/).
 Also: the simulator's tensor-core fragment tables against CuTe, its
@@ -104,14 +104,46 @@ def make(op, name, dtype, **kw) -> Case:
     return Case(op, dtype, tokens, groups, **{**extra, **kw})
 
 
-@pytest.mark.parametrize("name,dtype", list(cases()))
-def test_fused_forward(sim, name, dtype):
-    check(make("fwd", name, dtype, data_seed=1), sim)
+FWD_KERNEL = {"v2": "kron_mix_fused_fwd_v2_kernel", "v1": "kron_mix_fused_fwd_kernel"}
 
 
+def check_forward(case: Case, binary) -> cuda_sim.Result:
+    res = check(case, binary)
+    assert [ln.split()[1] for ln in res.launches] == [FWD_KERNEL[case.impl]]
+    return res
+
+
+@pytest.mark.parametrize("impl", ["v2", "v1"])
 @pytest.mark.parametrize("name,dtype", list(cases()))
-def test_dx_through_transposed_factors(sim, name, dtype):
-    check(make("dx", name, dtype, data_seed=2), sim)
+def test_fused_forward(sim, name, dtype, impl):
+    check_forward(make("fwd", name, dtype, data_seed=1, impl=impl), sim)
+
+
+@pytest.mark.parametrize("impl", ["v2", "v1"])
+@pytest.mark.parametrize("name,dtype", list(cases()))
+def test_dx_through_transposed_factors(sim, name, dtype, impl):
+    check_forward(make("dx", name, dtype, data_seed=2, impl=impl), sim)
+
+
+# The v2 forward is persistent: grid = min(tiles, SMs), each CTA walks tiles
+# blockIdx.x + n * gridDim.x through a 3-stage ring. 128 x 128 outputs give
+# one token per tile, so 269 tokens are 2 or 3 tiles per CTA on 132 SMs (the
+# ring wraps), and 113 tokens on sm_80's 108 SMs give five CTAs two tiles of
+# two groups each (four ring items).
+PERSISTENT = {
+    "one_group_base": (269, [(1, 128, 8, 128, 8)], {"base": True}),
+    "two_groups_sm80": (113, [(1, 128, 8, 128, 8), (1, 128, 16, 128, 4)], {"base": True, "arch": "sm_80"}),
+    "unaligned_sm80": (111, [(1, 128, 3, 128, 5)], {"offset": 1, "arch": "sm_80"}),
+}
+
+
+@pytest.mark.parametrize("name", list(PERSISTENT))
+def test_fused_forward_v2_walks_several_tiles_per_cta(sim, name):
+    tokens, groups, extra = PERSISTENT[name]
+    case = Case("fwd", torch.bfloat16, tokens, groups, data_seed=6, impl="v2", **extra)
+    res = check_forward(case, sim)
+    grid = int(res.launches[0].split("grid=(")[1].split(",")[0])
+    assert grid < tokens, res.launches
 
 
 @pytest.mark.parametrize("name,dtype", list(cases()))
@@ -156,12 +188,12 @@ def test_forward_without_and_with_base_differ_by_base(sim):
     assert diff.max() <= 2 * torch.finfo(torch.float16).eps * (r1.bounds["y"]).max()
 
 
-@pytest.mark.parametrize("op", ["fwd", "grad"])
+@pytest.mark.parametrize("op,impl", [("fwd", "v2"), ("fwd", "v1"), ("grad", "auto")])
 @pytest.mark.parametrize("name", ["tail_fwd_tile", "many_components", "groups_5", "misaligned"])
-def test_schedule_seeds_give_bitwise_equal_outputs(sim, op, name):
+def test_schedule_seeds_give_bitwise_equal_outputs(sim, op, impl, name):
     raws = []
     for seed in (0, 1, 2):
-        res = check(make(op, name, torch.bfloat16, seed=seed, data_seed=5), sim)
+        res = check(make(op, name, torch.bfloat16, seed=seed, data_seed=5, impl=impl), sim)
         raws.append(res.raw)
     assert raws[0] == raws[1] == raws[2]
 
@@ -327,8 +359,8 @@ def test_simulator_launch_limits(sim, arch):
 # ------------------------------------------------------------ planner verdicts
 
 
-def verdict(sim, op, groups, dtype=torch.bfloat16, tokens=5, arch="sm_90", dry_run=False):
-    case = Case(op, dtype, tokens, groups, arch=arch)
+def verdict(sim, op, groups, dtype=torch.bfloat16, tokens=5, arch="sm_90", dry_run=False, impl="auto"):
+    case = Case(op, dtype, tokens, groups, arch=arch, impl=impl)
     res = cuda_sim.run(case, binary=sim, dry_run=dry_run, verdict_only=not dry_run)
     return res
 
@@ -360,13 +392,13 @@ def test_verdict_shared_memory_per_arch(sim):
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-@pytest.mark.parametrize("op", ["fwd", "grad"])
+@pytest.mark.parametrize("op,impl", [("fwd", "v2"), ("fwd", "v1"), ("fwd", "auto"), ("grad", "auto")])
 @pytest.mark.parametrize("name", ["groups_8", "4096_64x64_r4", "max_128", "smollm2_576x1536", "hetero_sizes_asc"])
 @pytest.mark.parametrize("tokens", [1, 7, 100_000])
-def test_accepted_shapes_launch(sim, arch, op, name, tokens):
+def test_accepted_shapes_launch(sim, arch, op, impl, name, tokens):
     """Verdict/launch consistency: a shape the planner accepts must launch."""
     groups = CASES[name][1]
-    res = verdict(sim, op, groups, tokens=tokens, arch=arch, dry_run=True)
+    res = verdict(sim, op, groups, tokens=tokens, arch=arch, dry_run=True, impl=impl)
     if res.verdict == "ok":
         assert res.result == "cudaSuccess", res.stdout
     else:
@@ -386,9 +418,24 @@ def test_gradient_grid_rows_limit(sim):
 
 
 def test_forward_grid_token_limit(sim):
-    # 4 x 8 factors: 512 // 8 = 64 tokens per CTA, grid.x <= 2**31 - 1.
+    # v1, 4 x 8 factors: 512 // 8 = 64 tokens per CTA, grid.x <= 2**31 - 1.
     most = (2**31 - 1) * 64
-    res = verdict(sim, "fwd", [(1, 4, 8, 8, 4)], tokens=most, dry_run=True)
+    res = verdict(sim, "fwd", [(1, 4, 8, 8, 4)], tokens=most, dry_run=True, impl="v1")
     assert res.verdict == "ok" and res.result == "cudaSuccess", res.stdout
-    res = verdict(sim, "fwd", [(1, 4, 8, 8, 4)], tokens=most + 1, dry_run=True)
+    res = verdict(sim, "fwd", [(1, 4, 8, 8, 4)], tokens=most + 1, dry_run=True, impl="v1")
     assert "too many tokens" in res.verdict and res.result == "cudaErrorNotSupported", res.stdout
+    # v2 is persistent: one CTA per SM whatever the token count.
+    for arch, sms in (("sm_90", 132), ("sm_80", 108)):
+        res = verdict(sim, "fwd", [(1, 4, 8, 8, 4)], tokens=4 * most, dry_run=True, impl="v2", arch=arch)
+        assert res.verdict == "ok" and f"grid=({sms},1,1)" in res.launches[0], res.stdout
+
+
+def test_v2_declines_what_does_not_stay_resident_and_auto_takes_v1(sim):
+    # 16 components of 64 x 64 (each 2 x 64 x 72 x 2 B = 18 KB) are 295 KB of
+    # factors: v2 declines, the default forward runs v1.
+    groups = [(16, 64, 64, 64, 64)]
+    assert "do not fit" in verdict(sim, "fwd", groups, impl="v2").verdict
+    res = verdict(sim, "fwd", groups, dry_run=True)
+    assert res.verdict == "ok" and res.launches[0].split()[1] == FWD_KERNEL["v1"], res.stdout
+    res = verdict(sim, "fwd", CASES["4096_64x64_r4"][1], dry_run=True)
+    assert res.launches[0].split()[1] == FWD_KERNEL["v2"], res.stdout

@@ -84,7 +84,7 @@ def test_low_precision_error_is_within_twice_plain_torch():
 
 
 def test_generic_fallback_computes_what_the_cpu_kernel_computes():
-    # The CUDA registration (until a fused kernel exists) is this device-generic composition.
+    # The device-generic composition that bench_mixed_batch.py compares against, and the CUDA backward.
     x, ra, A, B, g = make_indexed(3, 6, 4, seed=9)
     torch.testing.assert_close(ops.kron_mix_indexed_generic(x, ra, A, B, g), moka_ext.kron_mix_indexed(x, ra, A, B, g),
                                rtol=1e-12, atol=1e-12)
@@ -142,3 +142,42 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert y.dtype == torch.bfloat16
     want = moka_ext.kron_mix_indexed(x.bfloat16(), ra, [t.bfloat16() for t in A], [t.bfloat16() for t in B], g.bfloat16())
     torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------ CUDA (csrc/cuda/kron_mix_indexed.cu)
+# The kernel itself runs in every test run under the simulator
+# (test_cuda_sim_indexed.py); these check the ATen glue on a GPU.
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,seq,n_adapters", [(1, 1, 1), (37, 1, 5), (6, 33, 3), (64, 3, 16)])
+def test_cuda_kernel_within_twice_plain_torch(dtype, rows, seq, n_adapters):
+    x, ra, A, B, g = make_indexed(n_adapters, rows, seq, dtype=torch.float32, seed=rows + seq)
+    exact = per_row_reference(x.double(), ra, [t.double() for t in A], [t.double() for t in B], g.double())
+    low = [x.to(dtype), ra, [t.to(dtype) for t in A], [t.to(dtype) for t in B], g.to(dtype)]
+    ours = moka_ext.kron_mix_indexed(*[t.cuda() if torch.is_tensor(t) else [u.cuda() for u in t] for t in low])
+    torch_err = (per_row_reference(*low).double() - exact).abs().max()
+    assert (ours.cpu().double() - exact).abs().max() <= 2 * torch_err + 1e-6
+    assert torch.equal(ours[ra.cuda() < 0], torch.zeros_like(ours[ra.cuda() < 0]))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_declined_dtypes_take_the_per_adapter_path(monkeypatch, dtype):
+    x, ra, A, B, g = make_indexed(3, 9, 2, dtype=dtype, seed=4)
+    cuda = lambda t: t.cuda() if torch.is_tensor(t) else [u.cuda() for u in t]  # noqa: E731
+    got = moka_ext.kron_mix_indexed(*[cuda(t) for t in (x, ra, A, B, g)])
+    torch.testing.assert_close(got.cpu(), per_row_reference(x, ra, A, B, g))
+    monkeypatch.setenv("MOKA_CUDA_IMPL", "fused")
+    with pytest.raises(RuntimeError, match="MOKA_CUDA_IMPL=fused"):
+        moka_ext.kron_mix_indexed(*[cuda(t) for t in (x, ra, A, B, g)])
+
+
+@cuda_only
+def test_cuda_rejects_out_of_range_adapters():
+    x, ra, A, B, g = make_indexed(3, 4, 2, dtype=torch.float16)
+    ra[1] = 3
+    with pytest.raises(RuntimeError, match="row_adapter must be in"):
+        moka_ext.kron_mix_indexed(x.cuda(), ra.cuda(), [a.cuda() for a in A], [b.cuda() for b in B], g.cuda())

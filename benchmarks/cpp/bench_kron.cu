@@ -2,7 +2,8 @@
 // bfloat16, without torch (kernels called through csrc/kron_mix.h).
 //
 // Per layer shape, token count T and rank r it times
-//   fused   : kron_mix_fused_forward (Z = X B^T stays on chip)
+//   v2, v1  : kron_mix_fused_forward with FusedImpl::kV2 / kV1 (Z = X B^T stays
+//             on chip; v1 is the baseline of benchmarks/kernel_model.py)
 //   cublas  : reshape-matmul, per group one GEMM Z = X B^T for all tokens and
 //             components (Z written to HBM), then per component one strided-
 //             batched GEMM Y_t += g_k A_k Z_t,k over tokens
@@ -28,6 +29,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -317,7 +319,7 @@ int main(int argc, char** argv) {
               "impl", "ms", "GB/s", "TFLOP/s", "%copy", "%gemm", "cublas_ms", "dense_ms", "x_cublas", "x_dense");
 
   const std::vector<int64_t> tokens = quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{2048, 8192, 32768};
-  const std::vector<int> ranks = quick ? std::vector<int>{1, 4} : std::vector<int>{1, 4, 8};
+  const std::vector<int> ranks = quick ? std::vector<int>{1, 2, 4} : std::vector<int>{1, 2, 4, 8};
   for (int pass = 0; pass < 2; ++pass) {  // 0: forward, 1: backward dX
     for (int r : ranks) {
       for (const Shape& fwd_shape : shapes_for(r)) {
@@ -327,11 +329,15 @@ int main(int argc, char** argv) {
           Buf x(size_t(T) * s.in, 5), y(size_t(T) * s.out, 0), z(prob.z_elems(T), 0);
           Buf dW(size_t(s.out) * s.in, 9, 1e-2f);
           const auto p = prob.params(x.p, y.p, T);
+          using moka::cuda::FusedImpl;
+          const char* why_v1 = moka::cuda::kron_mix_fused_unsupported(p, FusedImpl::kV1);
+          const char* why_v2 = moka::cuda::kron_mix_fused_unsupported(p, FusedImpl::kV2);
           const char* why = moka::cuda::kron_mix_fused_unsupported(p);
-          double ms_fused = -1;
-          if (why == nullptr) {
-            ms_fused = time_ms([&] { CK(moka::cuda::kron_mix_fused_forward(p, 0)); });
-          }
+          double ms_v1 = -1, ms_v2 = -1;
+          if (why_v1 == nullptr) ms_v1 = time_ms([&] { CK(moka::cuda::kron_mix_fused_forward(p, 0, FusedImpl::kV1)); });
+          if (why_v2 == nullptr) ms_v2 = time_ms([&] { CK(moka::cuda::kron_mix_fused_forward(p, 0, FusedImpl::kV2)); });
+          // The default fused forward (v2 where it takes the shape) is what the backward uses for dX.
+          const double ms_fused = why_v2 == nullptr ? ms_v2 : ms_v1;
           const double ms_cublas = time_ms([&] { prob.cublas_forward(h, x.p, y.p, z.p, T); });
           // Dense: y (T x out) = x (T x in) dW^T, dW (out x in).
           const double ms_dense =
@@ -345,9 +351,11 @@ int main(int argc, char** argv) {
                         100 * gbs / ceil.copy_gbs, 100 * tf / ceil.gemm_tflops, ms_cublas, ms_dense,
                         ms_cublas / ms, ms_dense / ms);
           };
-          if (ms_fused > 0) row("fused", ms_fused);
-          else std::printf("%-6s %-32s %2d %6lld %-6s n/a (%s)\n", pass == 0 ? "fwd" : "bwd_dx", s.name.c_str(), r,
-                           static_cast<long long>(T), "fused", why);
+          for (auto [impl, ms, no] : {std::tuple{"v2", ms_v2, why_v2}, std::tuple{"v1", ms_v1, why_v1}}) {
+            if (ms > 0) row(impl, ms);
+            else std::printf("%-6s %-32s %2d %6lld %-6s n/a (%s)\n", pass == 0 ? "fwd" : "bwd_dx", s.name.c_str(), r,
+                             static_cast<long long>(T), impl, no);
+          }
           row("cublas", ms_cublas);
           if (pass == 1) backward_row(h, fwd_shape, prob, r, T, x.p, y.p, why, ms_fused, ms_dense, ceil);
         }

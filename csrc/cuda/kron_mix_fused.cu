@@ -17,6 +17,7 @@
 //
 // The factor gradients (second half of this file) use the same tiles.
 #include "../kron_mix.h"
+#include "kron_mix_common.cuh"
 #include "launch.cuh"
 #include "ptx.cuh"
 
@@ -29,59 +30,6 @@
 namespace moka {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-// Register tile of stage 2 per warp: 2 x 8 mma tiles of 16 x 8 = 32 x 64.
-constexpr int kS2TilesM = 2, kS2TilesN = 8;
-// Stage 1 (transient accumulator) per warp: 2 x 4 tiles = 32 x 32.
-constexpr int kS1TilesM = 2, kS1TilesN = 4;
-// CUDA's grid limits, which every planner checks so that what it accepts launches.
-constexpr int64_t kMaxGridX = 0x7fffffff;
-constexpr int64_t kMaxGridYZ = 65535;
-
-__host__ __device__ inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
-
-// Leading dimension of a shared-memory operand whose k extent is k16 (a
-// multiple of 16): +8 elements makes the row stride 4 (mod 8) 32-bit words, so
-// the 8 rows x 4 columns of words an mma fragment load touches hit 32 banks.
-__host__ __device__ inline int operand_ld(int k16) { return k16 + 8; }
-
-// Warps along M in stage 2 for a factor with ma16 rows; the rest go along N.
-__host__ __device__ inline int stage2_warps_m(int ma16) {
-  return ma16 <= 32 ? 1 : (ma16 <= 64 ? 2 : 4);
-}
-
-template <typename T>
-struct Bits;
-template <>
-struct Bits<__half> {
-  static __device__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ uint32_t raw(__half v) { return __half_as_ushort(v); }
-  static __device__ __half from_raw(uint32_t b) {
-    return __ushort_as_half(static_cast<unsigned short>(b));
-  }
-};
-template <>
-struct Bits<__nv_bfloat16> {
-  static __device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  static __device__ uint32_t raw(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-  static __device__ __nv_bfloat16 from_raw(uint32_t b) {
-    return __ushort_as_bfloat16(static_cast<unsigned short>(b));
-  }
-};
-
-template <typename T>
-__device__ inline uint32_t pack2(float lo, float hi) {
-  return Bits<T>::raw(Bits<T>::from_float(lo)) | (Bits<T>::raw(Bits<T>::from_float(hi)) << 16);
-}
-
-template <typename T>
-__device__ inline float unpack_lo(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w & 0xffffu)); }
-template <typename T>
-__device__ inline float unpack_hi(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w >> 16)); }
 
 // Fragment loads from a row-major [rows][ld] 16-bit tile whose k (column)
 // index is contiguous. PTX m16n8k16 layout, gid = lane / 4, tig = lane % 4:
@@ -101,10 +49,6 @@ __device__ inline void load_frag_b(uint32_t (&b)[2], const T* s, int ld, int n0,
   const T* p = s + (n0 + gid) * ld + k0 + 2 * tig;
   b[0] = *reinterpret_cast<const uint32_t*>(p);
   b[1] = *reinterpret_cast<const uint32_t*>(p + 8);
-}
-
-__device__ inline bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
 // A contiguous (rows, cols) factor into a zero-padded [rows16][ld] tile (the
@@ -383,17 +327,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-int max_dynamic_smem() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  static int cache[64] = {0};
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
-  int v = 0;
-  cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (dev >= 0 && dev < 64) cache[dev] = v;
-  return v;
-}
-
 size_t smem_bytes(const KronMixParams& p, int tt, FusedPlan* plan) {
   FusedPlan q{};
   q.tt = tt;
@@ -428,8 +361,7 @@ const char* make_plan(const KronMixParams& p, FusedPlan* plan) {
         g.nb > kFusedMaxFactorDim)
       return "a factor dimension exceeds the fused kernel's limit (128)";
     // Stage 2 keeps ma16 x tt*mb in registers: warps_n * 64 columns.
-    const int cap = (kWarps / stage2_warps_m(round_up(g.ma, 16))) * kS2TilesN * 8;
-    const int t = cap / g.mb;
+    const int t = stage2_token_cap(g.ma, g.mb);
     tt = t < tt ? t : tt;
   }
   if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
@@ -464,15 +396,51 @@ cudaError_t launch(const KronMixParams& p, const FusedPlan& plan, cudaStream_t s
 
 }  // namespace
 
-const char* kron_mix_fused_unsupported(const KronMixParams& p) { return make_plan(p, nullptr); }
+namespace detail {
 
-cudaError_t kron_mix_fused_forward(const KronMixParams& p, cudaStream_t stream) {
+const char* fused_v1_plan(const KronMixParams& p, KronLaunchPlan* out) {
+  FusedPlan plan;
+  const char* why = make_plan(p, &plan);
+  if (why != nullptr || out == nullptr) return why;
+  KronLaunchPlan q{};
+  q.tile_tokens = plan.tt;
+  q.tiles = (p.tokens + plan.tt - 1) / plan.tt;
+  q.ctas = q.tiles;
+  q.threads = kThreads;
+  q.stages = 1;
+  q.factor_loads = 0;  // every CTA loads every factor once: per tile
+  // Per group: one before loading x, three per component (factors loaded,
+  // Zs written, stage 2 done); one before the epilogue reads Ys.
+  q.barriers_per_tile = 1;
+  for (int j = 0; j < p.n_groups; ++j) q.barriers_per_tile += 1 + 3 * p.groups[j].r;
+  q.smem_bytes = plan.smem_bytes;
+  // Per group: x and the factors written into shared memory, the two
+  // stages, the group's sum into Ys (written, and read back after group 0);
+  // the epilogue reads Ys once.
+  TileCounts c;
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGroupParams& g = p.groups[j];
+    count_two_stage(plan.tt, g.r, g.ma, g.na, g.mb, g.nb, &c);
+    c.smem += int64_t(plan.tt) * p.in * 2;
+    c.smem += int64_t(g.r) * (round_up(g.ma, 16) * round_up(g.na, 16) + round_up(g.mb, 16) * round_up(g.nb, 16)) * 2;
+    c.smem += int64_t(plan.tt) * p.out * 4 * (j == 0 ? 1 : 2);
+  }
+  c.smem += int64_t(plan.tt) * p.out * 4;
+  q.mma_per_tile = c.mma;
+  q.smem_bytes_per_tile = c.smem;
+  *out = q;
+  return nullptr;
+}
+
+cudaError_t fused_v1_forward(const KronMixParams& p, cudaStream_t stream) {
   FusedPlan plan;
   if (make_plan(p, &plan) != nullptr) return cudaErrorNotSupported;
   if (p.tokens == 0) return cudaSuccess;
   return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, plan, stream)
                                      : launch<__half>(p, plan, stream);
 }
+
+}  // namespace detail
 
 
 // ---------------------------------------------------------------------------
@@ -779,17 +747,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int sm_count() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  static int cache[64] = {0};
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
-  int v = 1;
-  cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-  if (dev >= 0 && dev < 64) cache[dev] = v;
-  return v;
-}
-
 const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return "the fused kernel takes float16/bfloat16 only";
@@ -869,6 +826,51 @@ cudaError_t launch_grad(const KronGradParams& p, const GradPlan& plan, float* ws
 }  // namespace
 
 const char* kron_mix_fused_grad_unsupported(const KronGradParams& p) { return make_grad_plan(p, nullptr); }
+
+const char* kron_mix_fused_grad_plan(const KronGradParams& p, int kernel, KronLaunchPlan* out) {
+  GradPlan plan;
+  const char* why = make_grad_plan(p, &plan);
+  if (why != nullptr || out == nullptr) return why;
+  KronLaunchPlan q{};
+  q.tile_tokens = plan.tt;
+  q.tiles = plan.tiles;
+  q.threads = kThreads;
+  q.stages = 1;
+  if (kernel == 0) {
+    // One CTA per (chunk of tiles, component, kind); it loads its factor once.
+    q.ctas = int64_t(plan.n_chunks) * 2 * plan.components;
+    q.factor_loads = 1;
+    q.barriers_per_tile = 3;  // tile free, tile loaded, Qs written
+    q.smem_bytes = plan.smem_bytes;
+    // Per tile, over all jobs: Ls and Rs written, GEMM 1 (M = tt*p, N = s,
+    // K = q), Qs written, GEMM 2 (M = p, N = u, K = tt*s).
+    TileCounts c;
+    for (int j = 0; j < p.n_groups; ++j) {
+      for (int kind = 0; kind < 2; ++kind) {
+        const GradJob job = grad_job(p, j, 0, kind);
+        TileCounts one;
+        one.smem += int64_t(plan.tt) * (job.p * job.q + job.u * job.s) * 2;
+        count_gemm(round_up(plan.tt * job.p, 16), job.s, round_up(job.q, 16), kS1TilesM, kS1TilesN,
+                   16 * kS1TilesM, 8 * kS1TilesN, &one);
+        one.smem += int64_t(plan.tt) * job.p * job.s * 2;
+        count_gemm(round_up(job.p, 16), job.u, round_up(plan.tt * job.s, 16), kS2TilesM, kS2TilesN,
+                   16 * kS2TilesM, 8 * kS2TilesN, &one);
+        c.mma += p.groups[j].r * one.mma;
+        c.smem += p.groups[j].r * one.smem;
+      }
+    }
+    q.mma_per_tile = c.mma;
+    q.smem_bytes_per_tile = c.smem;
+  } else {
+    q.ctas = 2 * int64_t(plan.components);
+    q.tiles = plan.n_chunks;  // the reduce sums one partial per chunk
+    q.factor_loads = 1;
+    q.barriers_per_tile = 0;
+    q.smem_bytes = 0;
+  }
+  *out = q;
+  return nullptr;
+}
 
 size_t kron_mix_fused_grad_workspace_bytes(const KronGradParams& p) {
   GradPlan plan;

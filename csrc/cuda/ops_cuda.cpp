@@ -2,13 +2,19 @@
 // ATen glue around the torch-free kernels of csrc/kron_mix.h.
 //
 // Which implementation runs is decided here, per call:
-//  - the fused kernel (kron_mix_fused.cu) for float16/bfloat16 when the factor
-//    shapes fit it (each factor dim <= 128, <= 8 groups, shared memory);
+//  - the fused kernels for float16/bfloat16 when the factor shapes fit them
+//    (each factor dim <= 128, <= 8 groups, shared memory): the forward v2
+//    (kron_mix_fused_v2.cu), or v1 (kron_mix_fused.cu) for shapes whose
+//    factors do not stay resident in shared memory; MOKA_CUDA_IMPL=fused_v1
+//    forces v1, the baseline of benchmarks/cpp and benchmarks/kernel_model.py;
 //  - otherwise, or with MOKA_CUDA_IMPL=cublas, the reshape-matmul path
 //    (csrc/kron_mix_matmul.cpp, device-generic): two GEMMs per group through
 //    ATen (cuBLAS), the intermediate X B^T round-tripping through memory. float32 and float64 always take it; float32
 //    GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default), which
 //    is the explicit TF32 opt-in.
+// kron_mix_indexed's forward has its own kernel (kron_mix_indexed.cu, one
+// launch for all adapters) under the same rules; its backward is the
+// per-adapter composition of kron_mix_backward (moka_ext/ops.py).
 // MOKA_CUDA_IMPL=fused makes an unsupported shape an error instead of a silent
 // fallback (for tests and benchmarks). The fused backward computes dX with the
 // forward kernel applied to (dY, A^T, B^T), and dA, dB, dg with the factor-
@@ -43,14 +49,19 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-enum class Impl { kAuto, kFused, kCublas };
+enum class Impl { kAuto, kFused, kFusedV1, kCublas };
 
 Impl requested_impl() {
   const char* v = std::getenv("MOKA_CUDA_IMPL");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Impl::kAuto;
   if (std::strcmp(v, "fused") == 0) return Impl::kFused;
+  if (std::strcmp(v, "fused_v1") == 0) return Impl::kFusedV1;
   if (std::strcmp(v, "cublas") == 0) return Impl::kCublas;
-  TORCH_CHECK(false, "MOKA_CUDA_IMPL must be one of auto, fused, cublas; got '", v, "'");
+  TORCH_CHECK(false, "MOKA_CUDA_IMPL must be one of auto, fused, fused_v1, cublas; got '", v, "'");
+}
+
+cuda::FusedImpl fused_impl() {
+  return requested_impl() == Impl::kFusedV1 ? cuda::FusedImpl::kV1 : cuda::FusedImpl::kAuto;
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -116,7 +127,7 @@ const char* fused_verdict(const KronMixShape& s, at::ScalarType dtype) {
         nullptr, nullptr, static_cast<int>(g.r), static_cast<int>(g.ma), static_cast<int>(g.na),
         static_cast<int>(g.mb), static_cast<int>(g.nb), static_cast<int>(g.gate_offset)};
   }
-  return cuda::kron_mix_fused_unsupported(p);
+  return cuda::kron_mix_fused_unsupported(p, fused_impl());
 }
 
 bool use_fused(const KronMixShape& s, at::ScalarType dtype, const char* op) {
@@ -124,7 +135,7 @@ bool use_fused(const KronMixShape& s, at::ScalarType dtype, const char* op) {
   if (impl == Impl::kCublas) return false;
   const char* why = fused_verdict(s, dtype);
   TORCH_CHECK(
-      why == nullptr || impl != Impl::kFused,
+      why == nullptr || (impl != Impl::kFused && impl != Impl::kFusedV1),
       op, ": MOKA_CUDA_IMPL=fused, but ", why, " (dtype ", dtype, ", in=", s.in,
       ", out=", s.out, ", groups=", s.groups.size(), ")");
   return why == nullptr;
@@ -142,7 +153,7 @@ void launch_fused(
   const auto gc = gates.contiguous();
   const auto p = fused_params(s, x2d, Ac, Bc, gc, base2d, y2d);
   check_cuda(
-      cuda::kron_mix_fused_forward(p, at::cuda::getCurrentCUDAStream()),
+      cuda::kron_mix_fused_forward(p, at::cuda::getCurrentCUDAStream(), fused_impl()),
       "kron_mix fused kernel launch");
 }
 
@@ -273,6 +284,109 @@ KronMixBackward kron_mix_backward_cuda(
   return {(fused_dx ? gx : g.grad_x).view(x.sizes()), g.grad_A, g.grad_B, g.grad_gates};
 }
 
+// kron_mix_indexed: rows sorted by adapter on the device (a stable argsort),
+// one device->host copy of the per-adapter row counts, the tile schedule
+// built on the host from the counts (a loop over adapters, not rows) and
+// copied back, then one launch of the indexed kernel. Shapes it declines (or
+// MOKA_CUDA_IMPL=cublas) take one kron_mix call per adapter on its gathered
+// rows. Rows of adapter -1 are zero either way.
+at::Tensor kron_mix_indexed_cuda(
+    const at::Tensor& x,
+    const at::Tensor& row_adapter,
+    at::TensorList A,
+    at::TensorList B,
+    const at::Tensor& gates) {
+  int64_t n_adapters = 0;
+  const auto s = check_kron_mix_indexed_args("kron_mix_indexed", x, row_adapter, A, B, gates, &n_adapters);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0);
+  if (s.tokens == 0) return at::zeros(out_sizes(x, s.out), x.options());
+  // Counts of (below -1, -1, adapter 0 .. n_adapters-1, at or above n_adapters):
+  // the out-of-range rows are counted rather than trusted.
+  const auto bins = (row_adapter.clamp(-2, n_adapters) + 2).contiguous();
+  const auto counts_all = at::bincount(bins, {}, n_adapters + 3).to(at::kCPU);
+  const int64_t* c = counts_all.const_data_ptr<int64_t>();
+  TORCH_CHECK(
+      c[0] == 0 && c[n_adapters + 2] == 0,
+      "kron_mix_indexed: row_adapter must be in [-1, ", n_adapters, ") (n_adapters from gates), got ",
+      c[0] + c[n_adapters + 2], " rows outside");
+  const std::vector<int64_t> counts(c + 1, c + n_adapters + 2);  // [-1, 0, .., n_adapters-1]
+  const int64_t row_tokens = s.tokens / rows;
+  const auto dtype = x.scalar_type();
+
+  cuda::KronIndexedParams p{};
+  const bool fits = s.groups.size() <= static_cast<size_t>(cuda::kFusedMaxGroups) &&
+      (dtype == at::kHalf || dtype == at::kBFloat16) && s.in <= (1 << 30) && s.out <= (1 << 30);
+  const char* why = fits ? nullptr : "the indexed kernel takes float16/bfloat16 and at most 8 groups";
+  cuda::KronLaunchPlan plan{};
+  if (fits) {
+    p.dtype = to_dtype(dtype);
+    p.rows = rows;
+    p.row_tokens = row_tokens;
+    p.in = static_cast<int>(s.in);
+    p.out = static_cast<int>(s.out);
+    p.n_adapters = static_cast<int>(n_adapters);
+    p.n_groups = static_cast<int>(s.groups.size());
+    for (size_t j = 0; j < s.groups.size(); ++j) {
+      const auto& g = s.groups[j];
+      p.groups[j] = cuda::KronGroupParams{
+          nullptr, nullptr, static_cast<int>(g.r), static_cast<int>(g.ma), static_cast<int>(g.na),
+          static_cast<int>(g.mb), static_cast<int>(g.nb), static_cast<int>(g.gate_offset)};
+    }
+    why = n_adapters > (1 << 30) ? "too many adapters" : cuda::kron_mix_indexed_plan(p, &plan);
+  }
+  const Impl impl = requested_impl();
+  TORCH_CHECK(
+      why == nullptr || (impl != Impl::kFused && impl != Impl::kFusedV1),
+      "kron_mix_indexed: MOKA_CUDA_IMPL=fused, but ", why, " (dtype ", dtype, ", in=", s.in,
+      ", out=", s.out, ", groups=", s.groups.size(), ")");
+
+  const auto order = at::argsort(row_adapter, /*stable=*/true);
+  if (why != nullptr || impl == Impl::kCublas) {
+    auto y = at::zeros(out_sizes(x, s.out), x.options());
+    int64_t start = counts[0];  // rows of -1 sort first
+    for (int64_t a = 0; a < n_adapters; ++a) {
+      const int64_t n = counts[a + 1];
+      if (n == 0) continue;
+      const auto idx = order.slice(0, start, start + n);
+      std::vector<at::Tensor> Aa, Ba;
+      for (const auto& t : A) Aa.push_back(t.select(0, a));
+      for (const auto& t : B) Ba.push_back(t.select(0, a));
+      y.index_copy_(0, idx, kron_mix_cuda(x.index_select(0, idx), Aa, Ba, gates.select(0, a)));
+      start += n;
+    }
+    return y;
+  }
+
+  const int64_t n_tiles =
+      cuda::kron_mix_indexed_schedule(counts.data(), p.n_adapters, row_tokens, plan.tile_tokens, nullptr);
+  static_assert(sizeof(cuda::KronIndexedTile) == 2 * sizeof(int64_t), "tiles travel as int64 pairs");
+  auto tiles_host = at::empty({n_tiles, 2}, at::TensorOptions().dtype(at::kLong));
+  cuda::kron_mix_indexed_schedule(
+      counts.data(), p.n_adapters, row_tokens, plan.tile_tokens,
+      reinterpret_cast<cuda::KronIndexedTile*>(tiles_host.mutable_data_ptr<int64_t>()));
+  const auto tiles = tiles_host.to(x.device());
+  const auto xc = x.contiguous();
+  const auto Ac = contiguous_all(A), Bc = contiguous_all(B);
+  const auto gc = gates.contiguous();
+  auto y = at::empty(out_sizes(x, s.out), x.options());
+  p.x = xc.data_ptr();
+  p.x_token_stride = s.in;
+  p.y = y.data_ptr();
+  p.y_token_stride = s.out;
+  p.order = order.const_data_ptr<int64_t>();
+  p.tiles = reinterpret_cast<const cuda::KronIndexedTile*>(tiles.const_data_ptr<int64_t>());
+  p.n_tiles = n_tiles;
+  p.gates = gc.data_ptr();
+  for (size_t j = 0; j < s.groups.size(); ++j) {
+    p.groups[j].A = Ac[j].data_ptr();
+    p.groups[j].B = Bc[j].data_ptr();
+  }
+  check_cuda(
+      cuda::kron_mix_indexed_forward(p, at::cuda::getCurrentCUDAStream()), "kron_mix_indexed kernel launch");
+  return y;
+}
+
 at::Tensor gate_softmax_cuda(const at::Tensor& logits, double temperature) {
   check_gate_softmax_args("gate_softmax", logits, temperature);
   c10::cuda::CUDAGuard guard(logits.device());
@@ -313,6 +427,7 @@ TORCH_LIBRARY_IMPL(moka, CUDA, m) {
   m.impl("kron_mix", kron_mix_cuda);
   m.impl("kron_mix_add", kron_mix_add_cuda);
   m.impl("kron_mix_backward", kron_mix_backward_cuda);
+  m.impl("kron_mix_indexed", kron_mix_indexed_cuda);
   m.impl("gate_softmax", gate_softmax_cuda);
   m.impl("gate_softmax_backward", gate_softmax_backward_cuda);
 }

@@ -11,6 +11,13 @@
 //
 //   moka_sim fwd      --dtype bf16 --tokens T --groups r:ma:na:mb:nb[,...] [--base]
 //                     [--x-stride S] [--y-stride S] [--base-stride S] [--offset E]
+//                     [--impl auto|v1|v2]
+//   moka_sim plan     --tokens T --groups ... [--impl ...]  (the planners' launch plans of the
+//                     forward and the factor gradients as JSON lines, for benchmarks/kernel_model.py)
+//   moka_sim indexed  --dtype f16 --rows R --row-tokens S --adapters N --groups ... [--x-stride S]
+//                     [--y-stride S] [--offset E]  (kron_mix_indexed: row_adapter.bin holds R
+//                     int64 entries in [-1, N); A_j, B_j, gates carry N adapters; the harness
+//                     sorts the rows and builds the schedule as the ATen glue does)
 //   moka_sim grad     --dtype f16 --tokens T --groups ... [--x-stride S] [--gy-stride S] [--offset E]
 //   moka_sim softmax_fwd | softmax_bwd --dtype f32 --rows R --n N --inv-temp V
 //   moka_sim limits   --grid x,y,z --block x,y,z --smem N [--opt-in N]   (a trivial kernel)
@@ -34,9 +41,9 @@ namespace {
 using moka::cuda::DType;
 
 struct Args {
-  std::string op, dir = ".", dtype = "bf16", groups;
+  std::string op, dir = ".", dtype = "bf16", groups, impl = "auto";
   long long tokens = 0, x_stride = -1, y_stride = -1, base_stride = -1, gy_stride = -1, offset = 0;
-  long long rows = 0, n = 0, smem = 0, opt_in = -1;
+  long long rows = 0, n = 0, smem = 0, opt_in = -1, row_tokens = 1, adapters = 1;
   dim3 grid{1, 1, 1}, block{1, 1, 1};
   std::string name;
   double inv_temp = 1.0;
@@ -67,6 +74,7 @@ Args parse(int argc, char** argv) {
     if (k == "--dir") a.dir = val();
     else if (k == "--dtype") a.dtype = val();
     else if (k == "--groups") a.groups = val();
+    else if (k == "--impl") a.impl = val();
     else if (k == "--tokens") a.tokens = std::atoll(val());
     else if (k == "--x-stride") a.x_stride = std::atoll(val());
     else if (k == "--y-stride") a.y_stride = std::atoll(val());
@@ -74,6 +82,8 @@ Args parse(int argc, char** argv) {
     else if (k == "--gy-stride") a.gy_stride = std::atoll(val());
     else if (k == "--offset") a.offset = std::atoll(val());
     else if (k == "--rows") a.rows = std::atoll(val());
+    else if (k == "--row-tokens") a.row_tokens = std::atoll(val());
+    else if (k == "--adapters") a.adapters = std::atoll(val());
     else if (k == "--n") a.n = std::atoll(val());
     else if (k == "--inv-temp") a.inv_temp = std::atof(val());
     else if (k == "--grid") a.grid = parse_dim3(val());
@@ -213,6 +223,53 @@ class Buffers {
   std::vector<Out> outs_;
 };
 
+moka::cuda::FusedImpl impl_of(const std::string& s) {
+  if (s == "auto") return moka::cuda::FusedImpl::kAuto;
+  if (s == "v1") return moka::cuda::FusedImpl::kV1;
+  if (s == "v2") return moka::cuda::FusedImpl::kV2;
+  usage("--impl must be auto, v1 or v2");
+}
+
+void print_plan(const char* kernel, const char* impl, const char* why, const moka::cuda::KronLaunchPlan& q) {
+  if (why != nullptr) {
+    std::printf("{\"kernel\": \"%s\", \"version\": \"%s\", \"declined\": \"%s\"}\n", kernel, impl, why);
+    return;
+  }
+  std::printf(
+      "{\"kernel\": \"%s\", \"version\": \"%s\", \"tile_tokens\": %d, \"tiles\": %lld, \"ctas\": %lld, "
+      "\"threads\": %d, \"stages\": %d, \"factor_loads\": %d, \"barriers_per_tile\": %d, "
+      "\"smem_bytes\": %zu, \"mma_per_tile\": %lld, \"smem_bytes_per_tile\": %lld}\n",
+      kernel, impl, q.tile_tokens, (long long)q.tiles, (long long)q.ctas, q.threads, q.stages, q.factor_loads,
+      q.barriers_per_tile, q.smem_bytes, (long long)q.mma_per_tile, (long long)q.smem_bytes_per_tile);
+}
+
+// The launch plans of the forward (v1 and v2) and of the factor-gradient and
+// reduce kernels for one problem on the simulated device (--arch).
+int run_plan(const Args& a) {
+  const auto gs = parse_groups(a.groups);
+  moka::cuda::KronMixParams p{};
+  moka::cuda::KronGradParams q{};
+  p.dtype = q.dtype = dtype_of(a.dtype);
+  p.tokens = q.tokens = a.tokens;
+  p.in = q.in = gs[0].na * gs[0].nb;
+  p.out = q.out = gs[0].ma * gs[0].mb;
+  p.n_groups = q.n_groups = int(gs.size());
+  int off = 0;
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    p.groups[j] = moka::cuda::KronGroupParams{nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
+    q.groups[j] = moka::cuda::KronGradGroupParams{nullptr, nullptr, nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
+    off += g.r;
+  }
+  moka::cuda::KronLaunchPlan lp{};
+  for (auto [impl, name] : {std::pair{moka::cuda::FusedImpl::kV1, "v1"}, std::pair{moka::cuda::FusedImpl::kV2, "v2"}}) {
+    print_plan("fwd", name, moka::cuda::kron_mix_fused_plan(p, impl, &lp), lp);
+  }
+  print_plan("grad_factors", "v1", moka::cuda::kron_mix_fused_grad_plan(q, 0, &lp), lp);
+  print_plan("grad_reduce", "v1", moka::cuda::kron_mix_fused_grad_plan(q, 1, &lp), lp);
+  return 0;
+}
+
 int run_fwd(const Args& a) {
   const DType dt = dtype_of(a.dtype);
   const auto gs = parse_groups(a.groups);
@@ -228,7 +285,8 @@ int run_fwd(const Args& a) {
     p.groups[j] = moka::cuda::KronGroupParams{nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
     off += g.r;
   }
-  const char* why = moka::cuda::kron_mix_fused_unsupported(p);
+  const moka::cuda::FusedImpl impl = impl_of(a.impl);
+  const char* why = moka::cuda::kron_mix_fused_unsupported(p, impl);
   std::printf("verdict: %s\n", why ? why : "ok");
   if (a.verdict_only) return 0;
   Buffers b(a, elem_size(dt));
@@ -246,7 +304,70 @@ int run_fwd(const Args& a) {
   }
   p.y_row_stride = a.y_stride < 0 ? p.out : a.y_stride;
   p.y = b.out("y", b.rows(a.tokens, p.out, p.y_row_stride));
-  const cudaError_t err = moka::cuda::kron_mix_fused_forward(p, nullptr);
+  const cudaError_t err = moka::cuda::kron_mix_fused_forward(p, nullptr, impl);
+  if (err == cudaSuccess) b.write_outputs();
+  return finish(err);
+}
+
+// kron_mix_indexed: the host side of csrc/cuda/ops_cuda.cpp's glue (stable
+// sort of the rows by adapter, per-adapter row counts, the schedule), then
+// one launch.
+int run_indexed(const Args& a) {
+  const DType dt = dtype_of(a.dtype);
+  const auto gs = parse_groups(a.groups);
+  moka::cuda::KronIndexedParams p{};
+  p.dtype = dt;
+  p.rows = a.rows;
+  p.row_tokens = a.row_tokens;
+  p.n_adapters = int(a.adapters);
+  p.in = gs[0].na * gs[0].nb;
+  p.out = gs[0].ma * gs[0].mb;
+  p.n_groups = int(gs.size());
+  int off = 0;
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    p.groups[j] = moka::cuda::KronGroupParams{nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
+    off += g.r;
+  }
+  moka::cuda::KronLaunchPlan lp{};
+  const char* why = moka::cuda::kron_mix_indexed_plan(p, &lp);
+  std::printf("verdict: %s\n", why ? why : "ok");
+  if (a.verdict_only) return 0;
+  if (why != nullptr) return finish(moka::cuda::kron_mix_indexed_forward(p, nullptr));  // must decline too
+  const size_t n_rows = size_t(a.rows);
+  std::vector<int64_t> counts(size_t(a.adapters) + 1, 0), order(n_rows);
+  const int64_t* ra = nullptr;
+  if (!a.dry_run) {
+    ra = reinterpret_cast<const int64_t*>(read_input(a, "row_adapter", n_rows * sizeof(int64_t)));
+    for (size_t i = 0; i < n_rows; ++i) {
+      if (ra[i] < -1 || ra[i] >= a.adapters) usage("row_adapter out of [-1, adapters)");
+      ++counts[size_t(ra[i] + 1)];
+    }
+    std::vector<int64_t> next(counts.size(), 0);
+    for (size_t c = 1; c < counts.size(); ++c) next[c] = next[c - 1] + counts[c - 1];
+    for (size_t i = 0; i < n_rows; ++i) order[size_t(next[size_t(ra[i] + 1)]++)] = int64_t(i);
+  } else {
+    counts[1] = a.rows;  // a dry run: every row on adapter 0
+  }
+  p.n_tiles = moka::cuda::kron_mix_indexed_schedule(counts.data(), p.n_adapters, p.row_tokens, lp.tile_tokens, nullptr);
+  std::vector<moka::cuda::KronIndexedTile> tiles(size_t(p.n_tiles));
+  moka::cuda::kron_mix_indexed_schedule(counts.data(), p.n_adapters, p.row_tokens, lp.tile_tokens, tiles.data());
+  std::printf("schedule: tile_tokens=%d tiles=%lld\n", lp.tile_tokens, (long long)p.n_tiles);
+  p.order = order.data();
+  p.tiles = tiles.data();
+  Buffers b(a, elem_size(dt));
+  const long long tokens = a.rows * a.row_tokens;
+  p.x_token_stride = a.x_stride < 0 ? p.in : a.x_stride;
+  p.x = b.in("x", b.rows(tokens, p.in, p.x_token_stride));
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const Group& g = gs[j];
+    p.groups[j].A = b.in("A" + std::to_string(j), b.flat(size_t(a.adapters) * g.r * g.ma * g.na));
+    p.groups[j].B = b.in("B" + std::to_string(j), b.flat(size_t(a.adapters) * g.r * g.mb * g.nb));
+  }
+  p.gates = b.in("gates", b.flat(size_t(a.adapters) * off));
+  p.y_token_stride = a.y_stride < 0 ? p.out : a.y_stride;
+  p.y = b.out("y", b.rows(tokens, p.out, p.y_token_stride));
+  const cudaError_t err = moka::cuda::kron_mix_indexed_forward(p, nullptr);
   if (err == cudaSuccess) b.write_outputs();
   return finish(err);
 }
@@ -474,11 +595,13 @@ int main(int argc, char** argv) {
   int rc;
   if (a.op == "fwd") rc = run_fwd(a);
   else if (a.op == "grad") rc = run_grad(a);
+  else if (a.op == "indexed") rc = run_indexed(a);
+  else if (a.op == "plan") rc = run_plan(a);
   else if (a.op == "softmax_fwd") rc = run_softmax(a, false);
   else if (a.op == "softmax_bwd") rc = run_softmax(a, true);
   else if (a.op == "limits") rc = run_limits(a);
   else if (a.op == "selftest") rc = selftest(a);
-  else usage("op must be fwd, grad, softmax_fwd, softmax_bwd, limits or selftest");
+  else usage("op must be fwd, indexed, grad, softmax_fwd, softmax_bwd, limits or selftest");
   for (void* p : g_allocs) std::free(p);
   return rc;
 }

@@ -1,0 +1,154 @@
+// What the Kronecker-mixture kernels (kron_mix_fused.cu, kron_mix_fused_v2.cu)
+// share: the CTA shape and register tiles, the shared-memory operand layout,
+// 16-bit element conversions and the device queries their planners use.
+#pragma once
+
+#include "../kron_mix.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moka {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Register tile of stage 2 per warp: 2 x 8 mma tiles of 16 x 8 = 32 x 64.
+constexpr int kS2TilesM = 2, kS2TilesN = 8;
+// Stage 1 (transient accumulator) per warp: 2 x 4 tiles = 32 x 32.
+constexpr int kS1TilesM = 2, kS1TilesN = 4;
+// CUDA's grid limits, which every planner checks so that what it accepts launches.
+constexpr int64_t kMaxGridX = 0x7fffffff;
+constexpr int64_t kMaxGridYZ = 65535;
+
+__host__ __device__ inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Leading dimension of a shared-memory operand whose k extent is k16 (a
+// multiple of 16): +8 elements makes the row stride 4 (mod 8) 32-bit words, so
+// the 8 rows x 4 columns of words an mma fragment load (or the 8 rows of 16
+// bytes of one ldmatrix phase) touch hit 32 distinct banks.
+__host__ __device__ inline int operand_ld(int k16) { return k16 + 8; }
+
+// Warps along M in stage 2 for a factor with ma16 rows; the rest go along N.
+__host__ __device__ inline int stage2_warps_m(int ma16) {
+  return ma16 <= 32 ? 1 : (ma16 <= 64 ? 2 : 4);
+}
+
+// Tokens per tile that stage 2's register tile (kWarps warps of 32 x 64)
+// holds for a group with factor dims ma, mb.
+__host__ __device__ inline int stage2_token_cap(int ma, int mb) {
+  return (kWarps / stage2_warps_m(round_up(ma, 16))) * kS2TilesN * 8 / mb;
+}
+
+template <typename T>
+struct Bits;
+template <>
+struct Bits<__half> {
+  static __device__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ uint32_t raw(__half v) { return __half_as_ushort(v); }
+  static __device__ __half from_raw(uint32_t b) {
+    return __ushort_as_half(static_cast<unsigned short>(b));
+  }
+};
+template <>
+struct Bits<__nv_bfloat16> {
+  static __device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ uint32_t raw(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+  static __device__ __nv_bfloat16 from_raw(uint32_t b) {
+    return __ushort_as_bfloat16(static_cast<unsigned short>(b));
+  }
+};
+
+template <typename T>
+__device__ inline uint32_t pack2(float lo, float hi) {
+  return Bits<T>::raw(Bits<T>::from_float(lo)) | (Bits<T>::raw(Bits<T>::from_float(hi)) << 16);
+}
+
+template <typename T>
+__device__ inline float unpack_lo(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w & 0xffffu)); }
+template <typename T>
+__device__ inline float unpack_hi(uint32_t w) { return Bits<T>::to_float(Bits<T>::from_raw(w >> 16)); }
+
+__host__ __device__ inline bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// The current device's opt-in shared memory per CTA and SM count (cached per
+// device; the attribute queries are not stream operations, so planning is
+// also safe while a CUDA graph is being captured).
+inline int max_dynamic_smem() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  static int cache[64] = {0};
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  int v = 0;
+  cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (dev >= 0 && dev < 64) cache[dev] = v;
+  return v;
+}
+
+inline int sm_count() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
+  static int cache[64] = {0};
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  int v = 1;
+  cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+  if (dev >= 0 && dev < 64) cache[dev] = v;
+  return v;
+}
+
+// Fragment bytes one warp loads for an A (16 x 16) and a B (16 x 8) operand.
+constexpr int kFragABytes = 16 * 16 * 2, kFragBBytes = 16 * 8 * 2;
+
+struct TileCounts {
+  int64_t mma = 0, smem = 0;
+};
+
+// One GEMM of the kernels' warp tiling on shared-memory operands: warps walk
+// (tm x tn)-tile warp tiles of mma tiles (16 x 8) over M x N (warp tile
+// (wt % ntm, wt / ntm) for stage 1; fixed per warp for stage 2), each k step
+// loading its valid A and B fragments once.
+inline void count_gemm(int m16, int n, int k16, int tm, int tn, int warp_m, int warp_n, TileCounts* c) {
+  for (int bm = 0; bm < m16; bm += warp_m)
+    for (int bn = 0; bn < n; bn += warp_n) {
+      int mi = 0, nj = 0;
+      for (int i = 0; i < tm; ++i) mi += bm + 16 * i < m16;
+      for (int j = 0; j < tn; ++j) nj += bn + 8 * j < n;
+      c->mma += int64_t(k16 / 16) * mi * nj;
+      c->smem += int64_t(k16 / 16) * (mi * kFragABytes + nj * kFragBBytes);
+    }
+}
+
+// The two stages of the forward for one group and r components over tt
+// tokens: MMAs, fragment loads and the Zs writes.
+inline void count_two_stage(int tt, int r, int ma, int na, int mb, int nb, TileCounts* c) {
+  const int ma16 = round_up(ma, 16), na16 = round_up(na, 16), mb16 = round_up(mb, 16), nb16 = round_up(nb, 16);
+  TileCounts one;
+  count_gemm(mb16, tt * na, nb16, kS1TilesM, kS1TilesN, 16 * kS1TilesM, 8 * kS1TilesN, &one);
+  one.smem += int64_t(mb) * tt * na * 2;  // Zs
+  const int n2 = tt * mb;
+  // Stage 2: warp (w % wm, w / wm) owns the 32 x 64 tile at (32 (w % wm), 64 (w / wm)); the planners'
+  // tt keeps n2 within the warps' columns.
+  count_gemm(ma16, n2, na16, kS2TilesM, kS2TilesN, 16 * kS2TilesM, 8 * kS2TilesN, &one);
+  c->mma += r * one.mma;
+  c->smem += r * one.smem;
+}
+
+}  // namespace
+
+namespace detail {
+// v1 (kron_mix_fused.cu), which kron_mix_fused_forward (kron_mix_fused_v2.cu)
+// dispatches to.
+const char* fused_v1_plan(const KronMixParams& p, KronLaunchPlan* plan);
+cudaError_t fused_v1_forward(const KronMixParams& p, cudaStream_t stream);
+}  // namespace detail
+
+}  // namespace cuda
+}  // namespace moka

@@ -1,0 +1,565 @@
+// The fused Kronecker-mixture forward, v2: persistent CTAs with the factors
+// resident in shared memory, x tiles streamed through a cp.async ring, all
+// MMA fragments loaded with ldmatrix. Torch-free, driven through
+// csrc/kron_mix.h; also the public dispatcher between v2 and v1
+// (kron_mix_fused.cu, kept as the baseline of the model and microbenchmark).
+//
+// The math per group j and component k is v1's two-stage product over a tile
+// of tt tokens, Xs[(t, a)][b] = x[t, a*nb + b]:
+//   stage 1:  Zs[(t, d)][a] = g_k * sum_b B_k[d, b] Xs[(t, a)][b]
+//   stage 2:  acc[c][(t, d)] += sum_a A_k[c, a] Zs[(t, d)][a]
+// Every operand is stored k-contiguous with a row stride of k16 + 8 elements,
+// so all four fragment kinds (B_k and A_k as the A operand, Xs and Zs as the
+// B operand) are plain (non-transposed) ldmatrix loads whose 8 row addresses
+// per phase fall in 8 distinct bank quads.
+//
+// The schedule, and why:
+// - Grid = min(tiles, SMs): one CTA of 256 threads per SM walks the token
+//   tiles blockIdx.x, blockIdx.x + gridDim.x, ... At the target cell (4096 x
+//   4096, 64 x 64 factors, r = 4) the resident factors (r * 2 * 64 * 72 * 2 B
+//   = 72 KiB), three x stages and Zs take 221 KB, so a second CTA does not fit;
+//   the ring, not a second CTA, hides the load latency.
+// - Factors: every group's r components are copied into shared memory once
+//   per CTA (cp.async, in the first commit group), so factor traffic is
+//   SMs x factor bytes in all instead of tiles x factor bytes.
+// - Work items are (tile, group) pairs. Item i's x tile, laid out for its
+//   group, is loaded into ring stage i % S by cp.async while items i-S+1 ..
+//   i-1 compute; with one group x is read once, with several once per group
+//   (L2 hits after the first). S = 3 when it fits, else 2.
+// - tt: the largest token count whose stage-2 accumulator ma16 x tt*mb fits
+//   the 8 warps' 32 x 64 register tiles (as v1: 4 tokens at 64 x 64), then
+//   shrunk until the factors, S stages and Zs fit the opt-in shared memory.
+//   A larger tile would need a second pass over d or more registers than one
+//   CTA of 256 threads holds at 1 CTA/SM; it would not change the bytes per
+//   token, only the barriers per token.
+// - Barriers per tile and group: 1 (stage ready, previous item done) + 2 per
+//   component (Zs written; Zs consumed) + 1 before the coalesced write.
+// - Output: with one group the accumulators (+ base, in float32) are rounded
+//   once into a 16-bit tile that reuses Zs, then written to y in 16-byte rows;
+//   with several groups, whose output tilings differ, they are summed in a
+//   float32 tile Ys (tt x out) first, as in v1.
+// - mma.sync, not wgmma: at r = 4 the tensor-core floor with mma.sync at 60%
+//   of the dense peak is ~73 us against ~45 us for 70% of copy bandwidth
+//   (benchmarks/kernel_model.py). wgmma would lift it, but needs the operands
+//   in the wgmma shared-memory layouts (B X^T with X as a 64-row K-major
+//   operand, and Z produced by one warpgroup and consumed by the next stage),
+//   a warpgroup-wide M of 64 (so stage 1 runs d = 64 rows per warpgroup), and a
+//   simulator model of wgmma's descriptors and asynchronous completion, which
+//   csrc/cuda/sim/ does not have; the simulator could not check it.
+// Shapes whose factors do not fit in shared memory next to two x stages of
+// one token go to v1.
+#include "../kron_mix.h"
+#include "kron_mix_common.cuh"
+#include "launch.cuh"
+#include "ptx.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moka {
+namespace cuda {
+
+// Shared-memory plan of one v2 launch, identical for all CTAs. Offsets and
+// sizes are in elements, multiples of 8 (16 bytes).
+struct FusedPlanV2 {
+  int tt, stages, ctas;
+  int64_t tiles;
+  int tiles_per_cta, tiles_rem;  // CTA b walks tiles_per_cta + (b < tiles_rem) tiles
+  int ys_elems;       // float32 Ys (several groups only)
+  int fac_elems;      // all factors, padded
+  int x_stage_elems;  // one ring stage
+  int zs_elems;       // Zs, and the 16-bit output tile of a one-group problem
+  size_t smem_bytes;
+};
+
+namespace {
+
+constexpr int kMaxStages = 3;
+
+// (rows, cols) row-major src into a zero-padded [rows16][ld] tile; whole
+// 16-byte chunks of real data go by cp.async when `vec`, the rest by stores.
+template <typename T>
+__device__ void stage_matrix(T* dst, const T* src, int rows, int cols, int rows16, int cols16, int ld, bool vec) {
+  const int cpr = cols16 / 8;
+  for (int i = threadIdx.x; i < rows16 * cpr; i += kThreads) {
+    const int r = i / cpr, c = (i - r * cpr) * 8;
+    T* d = dst + r * ld + c;
+    if (vec && r < rows && c + 8 <= cols) {
+      ptx::cp_async_16(d, src + r * cols + c);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        d[e] = (r < rows && c + e < cols) ? src[r * cols + c + e] : Bits<T>::from_float(0.f);
+    }
+  }
+}
+
+// Token tile t0 .. t0 + tt of x as Xs[(t, a)][b] (ld = operand_ld(nb16));
+// tokens past nt and the k padding b in [nb, nb16) are zero.
+template <typename T>
+__device__ void stage_x(T* xs, const KronMixParams& p, int64_t t0, int nt, int tt, int na, int nb, int ldx) {
+  const T* x = static_cast<const T*>(p.x);
+  const int in = p.in;
+  const int nb16 = round_up(nb, 16);
+  if (nb % 8 == 0 && aligned16(x) && p.x_row_stride % 8 == 0) {
+    const int cpt = in / 8;  // 16-byte chunks per token
+    for (int i = threadIdx.x; i < tt * cpt; i += kThreads) {
+      const int t = i / cpt, c = (i - t * cpt) * 8;
+      const int a = c / nb, b = c - a * nb;
+      T* d = xs + (t * na + a) * ldx + b;
+      if (t < nt) {
+        ptx::cp_async_16(d, x + (t0 + t) * p.x_row_stride + c);
+      } else {
+        *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < tt * in; i += kThreads) {
+      const int t = i / in, c = i - t * in;
+      const int a = c / nb, b = c - a * nb;
+      xs[(t * na + a) * ldx + b] = t < nt ? x[(t0 + t) * p.x_row_stride + c] : Bits<T>::from_float(0.f);
+    }
+  }
+  const int pad = nb16 - nb;
+  if (pad > 0) {
+    for (int i = threadIdx.x; i < tt * na * pad; i += kThreads) {
+      const int row = i / pad;
+      xs[row * ldx + nb + (i - row * pad)] = Bits<T>::from_float(0.f);
+    }
+  }
+}
+
+// ldmatrix addresses. A operand (16 x 16 at row m0, column k0): lanes 0-15
+// give rows m0..m0+15 at k0, lanes 16-31 the same rows at k0 + 8. B operand
+// (8 columns n0.. x 16 k): lanes 0-7 rows n0.. at k0, lanes 8-15 at k0 + 8.
+template <typename T>
+__device__ inline void ldsm_a(uint32_t (&a)[4], const T* s, int ld, int m0, int k0, int lane) {
+  ptx::ldmatrix_x4(a, s + (m0 + (lane & 15)) * ld + k0 + ((lane >> 4) << 3));
+}
+
+template <typename T>
+__device__ inline void ldsm_b(uint32_t (&b)[2], const T* s, int ld, int n0, int k0, int lane) {
+  ptx::ldmatrix_x2(b, s + (n0 + (lane & 7)) * ld + k0 + (((lane >> 3) & 1) << 3));
+}
+
+// Starts loading ring item `item` of this CTA ((tile, group) = (blockIdx.x +
+// (item / G) gridDim.x, item % G)) into stage item % S, and closes its commit
+// group, empty past the last item so that the wait counts stay uniform.
+template <typename T>
+__device__ __forceinline__ void issue_item(
+    const KronMixParams& p, int tt, int stages, int stage_elems, T* ring, int item, int n_items) {
+  if (item < n_items) {
+    const int G = p.n_groups;
+    const int64_t tile = blockIdx.x + int64_t(item / G) * gridDim.x;
+    const int j = item % G;
+    const int64_t t0 = tile * tt;
+    const int nt = static_cast<int>(p.tokens - t0 < tt ? p.tokens - t0 : tt);
+    const int na = p.groups[j].na, nb = p.groups[j].nb;
+    stage_x<T>(ring + (item % stages) * stage_elems, p, t0, nt, tt, na, nb,
+               operand_ld(round_up(nb, 16)));
+  }
+  ptx::cp_async_commit();
+}
+
+// Elements of the factor slab before group j's A tiles (then its B tiles):
+// groups in order, each r padded A tiles then r padded B tiles. Computed, not
+// read from a per-group array of the plan, whose dynamic indexing would put
+// the plan on the stack.
+__host__ __device__ inline int factor_offset(const KronMixParams& p, int j) {
+  int off = 0;
+  for (int i = 0; i < j; ++i) {
+    const KronGroupParams& g = p.groups[i];
+    off += g.r * (round_up(g.ma, 16) * operand_ld(round_up(g.na, 16)) +
+                  round_up(g.mb, 16) * operand_ld(round_up(g.nb, 16)));
+  }
+  return off;
+}
+
+template <int S>
+__device__ inline void wait_for_oldest() {
+  ptx::cp_async_wait<S - 2>();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    kron_mix_fused_fwd_v2_kernel(const KronMixParams p, const FusedPlanV2 plan) {
+  MOKA_DYNAMIC_SHARED(smem_raw);
+  float* ys = reinterpret_cast<float*>(smem_raw);
+  T* fac = reinterpret_cast<T*>(ys + plan.ys_elems);
+  T* ring = fac + plan.fac_elems;
+  T* zs = ring + plan.stages * plan.x_stage_elems;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int tt = plan.tt, S = plan.stages, G = p.n_groups, out = p.out;
+  const T* gates = static_cast<const T*>(p.gates);
+  T* y = static_cast<T*>(p.y);
+  const T* base = static_cast<const T*>(p.base);
+
+  // The factors, once per CTA; they complete with the first ring stage.
+  for (int j = 0; j < G; ++j) {
+    const KronGroupParams g = p.groups[j];
+    const int ma16 = round_up(g.ma, 16), na16 = round_up(g.na, 16);
+    const int mb16 = round_up(g.mb, 16), nb16 = round_up(g.nb, 16);
+    const T* A = static_cast<const T*>(g.A);
+    const T* B = static_cast<const T*>(g.B);
+    const bool va = g.na % 8 == 0 && aligned16(A), vb = g.nb % 8 == 0 && aligned16(B);
+    T* fa = fac + factor_offset(p, j);
+    T* fb = fa + g.r * ma16 * operand_ld(na16);
+    for (int k = 0; k < g.r; ++k) {
+      stage_matrix<T>(fa + k * ma16 * operand_ld(na16), A + int64_t(k) * g.ma * g.na,
+                      g.ma, g.na, ma16, na16, operand_ld(na16), va);
+      stage_matrix<T>(fb + k * mb16 * operand_ld(nb16), B + int64_t(k) * g.mb * g.nb,
+                      g.mb, g.nb, mb16, nb16, operand_ld(nb16), vb);
+    }
+  }
+
+  // This CTA's items: (tile, group) for tiles blockIdx.x + n * gridDim.x.
+  // 32-bit item arithmetic: the planner bounds the items per CTA.
+  const int n_items = (plan.tiles_per_cta + (int(blockIdx.x) < plan.tiles_rem ? 1 : 0)) * G;
+  for (int s = 0; s < S - 1; ++s) issue_item<T>(p, tt, S, plan.x_stage_elems, ring, s, n_items);
+
+  for (int item = 0; item < n_items; ++item) {
+    // Item `item`'s copies (and the factors) have landed for this thread;
+    // the barrier makes everyone's visible and frees the stage of item - 1.
+    if (S == 3) wait_for_oldest<3>(); else wait_for_oldest<2>();
+    __syncthreads();
+    issue_item<T>(p, tt, S, plan.x_stage_elems, ring, item + S - 1, n_items);
+
+    const int64_t tile = blockIdx.x + int64_t(item / G) * gridDim.x;
+    const int j = item % G;
+    const int64_t t0 = tile * tt;
+    const int nt = static_cast<int>(p.tokens - t0 < tt ? p.tokens - t0 : tt);
+    const KronGroupParams g = p.groups[j];
+    const int ma16 = round_up(g.ma, 16), na16 = round_up(g.na, 16);
+    const int mb16 = round_up(g.mb, 16), nb16 = round_up(g.nb, 16);
+    const int ldx = operand_ld(nb16), ldb = ldx, lda = operand_ld(na16), ldz = lda;
+    const int n1 = tt * g.na, n2 = tt * g.mb;
+    const T* xs = ring + (item % S) * plan.x_stage_elems;
+
+    // The k padding of stage 2 (columns a in [na, na16) of Zs), which stage 1
+    // never writes; Zs is free here (the barrier above).
+    if (na16 > g.na) {
+      const int pad = na16 - g.na, rows = round_up(n2, 8);
+      for (int i = threadIdx.x; i < rows * pad; i += kThreads) {
+        const int row = i / pad;
+        zs[row * ldz + g.na + (i - row * pad)] = Bits<T>::from_float(0.f);
+      }
+    }
+
+    const int wm_count = stage2_warps_m(ma16);
+    const int wm = warp % wm_count, wn = warp / wm_count;
+    float acc2[kS2TilesM][kS2TilesN][4];
+#pragma unroll
+    for (int i = 0; i < kS2TilesM; ++i)
+#pragma unroll
+      for (int jn = 0; jn < kS2TilesN; ++jn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc2[i][jn][e] = 0.f;
+
+    const T* fa = fac + factor_offset(p, j);
+    const T* fb = fa + g.r * ma16 * lda;
+    for (int k = 0; k < g.r; ++k) {
+      const T* as = fa + k * ma16 * lda;
+      const T* bs = fb + k * mb16 * ldb;
+      const float gk = Bits<T>::to_float(gates[g.gate_offset + k]);
+
+      // Stage 1: Z^T = B X^T, M = mb16 (d), N = n1 (t, a), K = nb16 (b).
+      const int s1_m = (mb16 + 31) / 32, s1_n = (n1 + 31) / 32;
+      for (int wt = warp; wt < s1_m * s1_n; wt += kWarps) {
+        const int bm = (wt % s1_m) * 32, bn = (wt / s1_m) * 32;
+        float acc1[kS1TilesM][kS1TilesN][4];
+#pragma unroll
+        for (int i = 0; i < kS1TilesM; ++i)
+#pragma unroll
+          for (int jn = 0; jn < kS1TilesN; ++jn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc1[i][jn][e] = 0.f;
+        for (int kk = 0; kk < nb16; kk += 16) {
+          uint32_t af[kS1TilesM][4], bf[kS1TilesN][2];
+#pragma unroll
+          for (int i = 0; i < kS1TilesM; ++i)
+            if (bm + 16 * i < mb16) ldsm_a(af[i], bs, ldb, bm + 16 * i, kk, lane);
+#pragma unroll
+          for (int jn = 0; jn < kS1TilesN; ++jn)
+            if (bn + 8 * jn < n1) ldsm_b(bf[jn], xs, ldx, bn + 8 * jn, kk, lane);
+#pragma unroll
+          for (int i = 0; i < kS1TilesM; ++i)
+#pragma unroll
+            for (int jn = 0; jn < kS1TilesN; ++jn)
+              if (bm + 16 * i < mb16 && bn + 8 * jn < n1) ptx::mma_m16n8k16<T>(acc1[i][jn], af[i], bf[jn]);
+        }
+        // g * Z^T[d][(t, a)] to Zs[(t*mb + d)][a].
+#pragma unroll
+        for (int jn = 0; jn < kS1TilesN; ++jn) {
+          const int c0 = bn + 8 * jn + 2 * tig;  // this thread's columns c0, c0 + 1
+          if (c0 >= n1) continue;
+          const int ta = c0 / g.na, aa = c0 - ta * g.na;
+          const int off0 = ta * g.mb * ldz + aa;
+          // With na even, c0 (even) and c0 + 1 are one token's a, a + 1.
+          const bool paired = (g.na % 2 == 0);
+          const bool valid1 = c0 + 1 < n1;
+          int off1 = 0;
+          if (!paired && valid1) {
+            const int tb = (c0 + 1) / g.na;
+            off1 = tb * g.mb * ldz + (c0 + 1 - tb * g.na);
+          }
+#pragma unroll
+          for (int i = 0; i < kS1TilesM; ++i) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int d = bm + 16 * i + gid + 8 * h;
+              if (d >= g.mb) continue;
+              const float v0 = gk * acc1[i][jn][2 * h], v1 = gk * acc1[i][jn][2 * h + 1];
+              if (paired) {
+                *reinterpret_cast<uint32_t*>(zs + off0 + d * ldz) = pack2<T>(v0, v1);
+              } else {
+                zs[off0 + d * ldz] = Bits<T>::from_float(v0);
+                if (valid1) zs[off1 + d * ldz] = Bits<T>::from_float(v1);
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();  // Zs complete
+
+      // Stage 2: acc += A Z, M = ma16 (c), N = n2 (t, d), K = na16 (a).
+      for (int kk = 0; kk < na16; kk += 16) {
+        uint32_t af[kS2TilesM][4], bf[kS2TilesN][2];
+#pragma unroll
+        for (int i = 0; i < kS2TilesM; ++i)
+          if (wm * 32 + 16 * i < ma16) ldsm_a(af[i], as, lda, wm * 32 + 16 * i, kk, lane);
+#pragma unroll
+        for (int jn = 0; jn < kS2TilesN; ++jn)
+          if (wn * 64 + 8 * jn < n2) ldsm_b(bf[jn], zs, ldz, wn * 64 + 8 * jn, kk, lane);
+#pragma unroll
+        for (int i = 0; i < kS2TilesM; ++i)
+#pragma unroll
+          for (int jn = 0; jn < kS2TilesN; ++jn)
+            if (wm * 32 + 16 * i < ma16 && wn * 64 + 8 * jn < n2)
+              ptx::mma_m16n8k16<T>(acc2[i][jn], af[i], bf[jn]);
+      }
+      __syncthreads();  // Zs consumed: the next component (or the output tile) overwrites it
+    }
+
+    // The accumulators hold the group's acc[c][(t, d)] = y-part[t][c*mb + d].
+    // One group: + base in float32, rounded once into the 16-bit tile Os
+    // (reusing Zs). Several: summed into Ys.
+    const bool one_group = G == 1;
+    T* os = zs;
+#pragma unroll
+    for (int jn = 0; jn < kS2TilesN; ++jn) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = wn * 64 + 8 * jn + 2 * tig + e;  // (t, d)
+        if (col >= n2) continue;
+        const int ta = col / g.mb, dd = col - ta * g.mb;
+        if (ta >= nt && one_group) continue;
+#pragma unroll
+        for (int i = 0; i < kS2TilesM; ++i) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int c = wm * 32 + 16 * i + gid + 8 * h;
+            if (c >= g.ma) continue;
+            const int o = c * g.mb + dd;
+            float v = acc2[i][jn][2 * h + e];
+            if (one_group) {
+              if (base != nullptr) v += Bits<T>::to_float(base[(t0 + ta) * p.base_row_stride + o]);
+              os[ta * out + o] = Bits<T>::from_float(v);
+            } else {
+              float* q = ys + ta * out + o;
+              *q = j == 0 ? v : *q + v;
+            }
+          }
+        }
+      }
+    }
+    if (j != G - 1) continue;
+    __syncthreads();  // the output tile is complete
+
+    // y rows of the tile: 16-byte stores where the layout allows.
+    const bool vec = out % 8 == 0 && aligned16(y) && p.y_row_stride % 8 == 0 &&
+        (one_group || base == nullptr || (aligned16(base) && p.base_row_stride % 8 == 0));
+    if (vec) {
+      const int cpt = out / 8;
+      for (int i = threadIdx.x; i < nt * cpt; i += kThreads) {
+        const int t = i / cpt, o = (i - t * cpt) * 8;
+        uint4 w;
+        if (one_group) {
+          w = *reinterpret_cast<const uint4*>(os + t * out + o);
+        } else {
+          const float4 lo = *reinterpret_cast<const float4*>(ys + t * out + o);
+          const float4 hi = *reinterpret_cast<const float4*>(ys + t * out + o + 4);
+          float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+          if (base != nullptr) {
+            const uint4 b = __ldg(reinterpret_cast<const uint4*>(base + (t0 + t) * p.base_row_stride + o));
+            v[0] += unpack_lo<T>(b.x); v[1] += unpack_hi<T>(b.x);
+            v[2] += unpack_lo<T>(b.y); v[3] += unpack_hi<T>(b.y);
+            v[4] += unpack_lo<T>(b.z); v[5] += unpack_hi<T>(b.z);
+            v[6] += unpack_lo<T>(b.w); v[7] += unpack_hi<T>(b.w);
+          }
+          w = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+        }
+        *reinterpret_cast<uint4*>(y + (t0 + t) * p.y_row_stride + o) = w;
+      }
+    } else {
+      for (int i = threadIdx.x; i < nt * out; i += kThreads) {
+        const int t = i / out, o = i - t * out;
+        T v;
+        if (one_group) {
+          v = os[t * out + o];
+        } else {
+          float f = ys[t * out + o];
+          if (base != nullptr) f += Bits<T>::to_float(base[(t0 + t) * p.base_row_stride + o]);
+          v = Bits<T>::from_float(f);
+        }
+        y[(t0 + t) * p.y_row_stride + o] = v;
+      }
+    }
+    // The next item's first barrier protects Os/Ys until every thread is done here.
+  }
+  ptx::cp_async_wait<0>();  // retire the trailing (empty) commit groups
+}
+
+// Shared memory of a v2 plan with tt tokens and S stages; fills *q.
+size_t v2_smem(const KronMixParams& p, int tt, int S, FusedPlanV2* q) {
+  int fac = 0, xst = 0, zs = 0;
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGroupParams g = p.groups[j];
+    const int ma16 = round_up(g.ma, 16), na16 = round_up(g.na, 16);
+    const int mb16 = round_up(g.mb, 16), nb16 = round_up(g.nb, 16);
+    fac += g.r * (ma16 * operand_ld(na16) + mb16 * operand_ld(nb16));
+    auto mx = [](int& a, int b) { a = a > b ? a : b; };
+    mx(xst, round_up(tt * g.na, 8) * operand_ld(nb16));
+    mx(zs, round_up(tt * g.mb, 8) * operand_ld(na16));
+  }
+  if (p.n_groups == 1) zs = zs > round_up(tt * p.out, 8) ? zs : round_up(tt * p.out, 8);
+  q->tt = tt;
+  q->stages = S;
+  q->ys_elems = p.n_groups > 1 ? round_up(tt * p.out, 4) : 0;
+  q->fac_elems = fac;
+  q->x_stage_elems = xst;
+  q->zs_elems = zs;
+  q->smem_bytes = size_t(q->ys_elems) * 4 + (size_t(fac) + size_t(S) * xst + zs) * 2;
+  return q->smem_bytes;
+}
+
+const char* make_plan_v2(const KronMixParams& p, FusedPlanV2* plan) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    return "the fused kernel takes float16/bfloat16 only";
+  if (p.n_groups < 1 || p.n_groups > kFusedMaxGroups) return "more groups than the fused kernel takes (8)";
+  if (p.tokens < 0) return "negative token count";
+  int tt = 1 << 30;
+  int64_t fac_elems = 0;
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGroupParams g = p.groups[j];
+    if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
+    if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
+        g.nb > kFusedMaxFactorDim)
+      return "a factor dimension exceeds the fused kernel's limit (128)";
+    const int t = stage2_token_cap(g.ma, g.mb);
+    tt = t < tt ? t : tt;
+    fac_elems += int64_t(g.r) * (round_up(g.ma, 16) * operand_ld(round_up(g.na, 16)) +
+                                 round_up(g.mb, 16) * operand_ld(round_up(g.nb, 16)));
+  }
+  const size_t limit = static_cast<size_t>(max_dynamic_smem());
+  if (size_t(fac_elems) * 2 > limit) return "the factors do not fit in shared memory (v2 keeps them resident)";
+  if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
+  FusedPlanV2 q{};
+  bool ok = false;
+  // Deeper ring first (it hides the load latency), then fewer tokens per tile.
+  for (int S = kMaxStages; S >= 2 && !ok; --S) {
+    for (int t = tt; t >= 1 && !ok; --t) {
+      // Below half the register tile, two stages of the full tile beat three of a half.
+      if (S == kMaxStages && 2 * t < tt) break;
+      ok = v2_smem(p, t, S, &q) <= limit;
+    }
+  }
+  if (!ok) return "the factors and two x stages of one token do not fit in shared memory";
+  q.tiles = p.tokens == 0 ? 0 : (p.tokens + q.tt - 1) / q.tt;
+  const int64_t sms = sm_count();
+  q.ctas = static_cast<int>(q.tiles < sms ? q.tiles : sms);
+  if (q.ctas > 0) {
+    const int64_t per = q.tiles / q.ctas;
+    if ((per + 1) * p.n_groups + kMaxStages > 0x7fffffff) return "too many tokens (items per CTA)";
+    q.tiles_per_cta = static_cast<int>(per);
+    q.tiles_rem = static_cast<int>(q.tiles - per * q.ctas);
+  }
+  if (plan) *plan = q;
+  return nullptr;
+}
+
+template <typename T>
+cudaError_t launch_v2(const KronMixParams& p, const FusedPlanV2& plan, cudaStream_t stream) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  static bool configured[64] = {false};
+  if (dev < 0 || dev >= 64 || !configured[dev]) {
+    err = cudaFuncSetAttribute(
+        kron_mix_fused_fwd_v2_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < 64) configured[dev] = true;
+  }
+  return launch_kernel(
+      "kron_mix_fused_fwd_v2_kernel", kron_mix_fused_fwd_v2_kernel<T>, dim3(static_cast<unsigned>(plan.ctas)),
+      dim3(kThreads), plan.smem_bytes, stream, p, plan);
+}
+
+FusedImpl pick(const KronMixParams& p, FusedImpl impl) {
+  if (impl != FusedImpl::kAuto) return impl;
+  return make_plan_v2(p, nullptr) == nullptr ? FusedImpl::kV2 : FusedImpl::kV1;
+}
+
+}  // namespace
+
+const char* kron_mix_fused_plan(const KronMixParams& p, FusedImpl impl, KronLaunchPlan* out) {
+  if (pick(p, impl) == FusedImpl::kV1) return detail::fused_v1_plan(p, out);
+  FusedPlanV2 plan;
+  const char* why = make_plan_v2(p, &plan);
+  if (why != nullptr || out == nullptr) return why;
+  KronLaunchPlan q{};
+  q.tile_tokens = plan.tt;
+  q.tiles = plan.tiles;
+  q.ctas = plan.ctas;
+  q.threads = kThreads;
+  q.stages = plan.stages;
+  q.factor_loads = 1;
+  q.barriers_per_tile = 1;
+  for (int j = 0; j < p.n_groups; ++j) q.barriers_per_tile += 1 + 2 * p.groups[j].r;
+  q.smem_bytes = plan.smem_bytes;
+  // Per group: x written into its ring stage, the two stages; then the
+  // output tile: 16-bit Os written and read (one group), or float32 Ys
+  // written per group, read back after group 0 and once by the epilogue.
+  TileCounts c;
+  for (int j = 0; j < p.n_groups; ++j) {
+    const KronGroupParams g = p.groups[j];
+    count_two_stage(plan.tt, g.r, g.ma, g.na, g.mb, g.nb, &c);
+    c.smem += int64_t(plan.tt) * p.in * 2;
+    if (p.n_groups > 1) c.smem += int64_t(plan.tt) * p.out * 4 * (j == 0 ? 1 : 2);
+  }
+  c.smem += int64_t(plan.tt) * p.out * (p.n_groups > 1 ? 4 : 2 * 2);
+  q.mma_per_tile = c.mma;
+  q.smem_bytes_per_tile = c.smem;
+  *out = q;
+  return nullptr;
+}
+
+const char* kron_mix_fused_unsupported(const KronMixParams& p, FusedImpl impl) {
+  return kron_mix_fused_plan(p, impl, nullptr);
+}
+
+cudaError_t kron_mix_fused_forward(const KronMixParams& p, cudaStream_t stream, FusedImpl impl) {
+  if (pick(p, impl) == FusedImpl::kV1) return detail::fused_v1_forward(p, stream);
+  FusedPlanV2 plan;
+  if (make_plan_v2(p, &plan) != nullptr) return cudaErrorNotSupported;
+  if (p.tokens == 0) return cudaSuccess;
+  return p.dtype == DType::kBFloat16 ? launch_v2<__nv_bfloat16>(p, plan, stream)
+                                     : launch_v2<__half>(p, plan, stream);
+}
+
+}  // namespace cuda
+}  // namespace moka
