@@ -12,6 +12,7 @@ each accepted shape launching. `pytest -m cuda_sim` runs exactly these.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 
 import pytest
@@ -44,8 +45,8 @@ def _smollm2(out_f: int, in_f: int) -> list:
     return [(1, *s) for s in choose_shapes(out_f, in_f, 4)]
 
 
-# In 24 x 24 layers, all eight factorizations with every dim > 1 or an outer
-# product: eight groups of different shapes and r.
+# Eight different factorizations of a 24 x 24 layer (the two outer products,
+# with 1 x 24 and 24 x 1 factors, among them) as eight groups, r from 1 to 3.
 _G24 = [(1, 2, 3, 12, 8), (2, 3, 2, 8, 12), (1, 4, 6, 6, 4), (3, 6, 4, 4, 6),
         (1, 8, 12, 3, 2), (2, 12, 8, 2, 3), (1, 1, 24, 24, 1), (1, 24, 1, 1, 24)]
 
@@ -154,6 +155,30 @@ def test_factor_gradients_and_reduce(sim, name, dtype):
     res = check(make("grad", name, dtype, data_seed=3), sim)
     kernels = [ln.split()[1] for ln in res.launches]
     assert kernels == ["kron_mix_grad_factors_kernel", "kron_mix_grad_reduce_kernel"]
+
+
+def random_case(op: str, seed: int) -> Case:
+    """A random problem within the fused kernels' limits: 1 to 4 groups that
+    factor the same layer differently, any dims, any token count."""
+    rng = random.Random(seed)
+    ma, mb, na, nb = (rng.randint(1, 24) for _ in range(4))
+    out_f, in_f = ma * mb, na * nb
+
+    def divisors(n):
+        return [d for d in range(1, n + 1) if n % d == 0 and d <= 128 and n // d <= 128]
+
+    groups = [(rng.randint(1, 3), ma, na, mb, nb)]
+    for _ in range(rng.randint(0, 3)):
+        a, b = rng.choice(divisors(out_f)), rng.choice(divisors(in_f))
+        groups.append((rng.randint(1, 3), a, b, out_f // a, in_f // b))
+    dtype = rng.choice(LOW)
+    return Case(op, dtype, rng.randint(1, 70), groups, offset=rng.choice([0, 0, 1]), seed=seed, data_seed=seed)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("op", ["fwd", "dx", "grad"])
+def test_random_shapes(sim, op, seed):
+    check(random_case(op, 1000 + seed), sim)
 
 
 def test_forward_without_and_with_base_differ_by_base(sim):
@@ -267,7 +292,10 @@ def _selftest(sim, name, seed=0):
     ("divergent_barrier", "different __syncthreads"),
     ("exit_before_barrier", "exited threads never reach"),
     ("partial_warp_shuffle", "warp collective is missing lanes"),
+    ("divergent_mma", "while other lanes are at mma.sync"),
     ("smem_overrun", "heap-buffer-overflow"),
+    ("global_overrun", "heap-buffer-overflow"),
+    ("misaligned_vector_load", "misaligned address"),
 ])
 def test_simulator_reports_defects(sim, name, message):
     proc = _selftest(sim, name)

@@ -15,6 +15,18 @@
 #include "sim/warp_ops.h"
 #endif
 
+// In the simulator every instruction also takes its caller's source position
+// (filled in by default arguments), so that lanes of one warp at different
+// call sites are reported instead of being paired up.
+#ifdef MOKA_CUDA_SIM
+#define MOKA_PTX_SITE , const char *site_file = __builtin_FILE(), int site_line = __builtin_LINE()
+#define MOKA_PTX_SITE_SPEC , const char *site_file, int site_line
+#define MOKA_PTX_AT , site_file, site_line
+#else
+#define MOKA_PTX_SITE
+#define MOKA_PTX_SITE_SPEC
+#endif
+
 namespace moka {
 namespace cuda {
 namespace ptx {
@@ -25,12 +37,13 @@ namespace ptx {
 // 2tig+8..+9; b: k = 2tig..+1 | 2tig+8..+9, n = gid; d: rows gid | gid+8,
 // cols 2tig..+1).
 template <typename T>
-__device__ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+__device__ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2] MOKA_PTX_SITE);
 
 template <>
-__device__ inline void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+__device__ inline void mma_m16n8k16<__nv_bfloat16>(
+    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2] MOKA_PTX_SITE_SPEC) {
 #if defined(MOKA_CUDA_SIM)
-  ::moka_sim::mma_m16n8k16_f32(::moka_sim::MmaType::kBF16, d, a, b);
+  ::moka_sim::mma_m16n8k16_f32(::moka_sim::MmaType::kBF16, d, a, b MOKA_PTX_AT);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -43,9 +56,10 @@ __device__ inline void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t
 }
 
 template <>
-__device__ inline void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+__device__ inline void mma_m16n8k16<__half>(
+    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2] MOKA_PTX_SITE_SPEC) {
 #if defined(MOKA_CUDA_SIM)
-  ::moka_sim::mma_m16n8k16_f32(::moka_sim::MmaType::kF16, d, a, b);
+  ::moka_sim::mma_m16n8k16_f32(::moka_sim::MmaType::kF16, d, a, b MOKA_PTX_AT);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -67,9 +81,9 @@ __device__ inline uint32_t shared_address(const void* p) {
 // 8 i + j gives the address of row j of matrix i (16 bytes, 16-byte aligned),
 // and register i of lane l receives row l / 4, columns 2 (l % 4) .. + 1 of
 // matrix i (with .trans: column l / 4, rows 2 (l % 4) .. + 1).
-__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row MOKA_PTX_SITE) {
 #if defined(MOKA_CUDA_SIM)
-  ::moka_sim::ldmatrix(r, 4, false, row);
+  ::moka_sim::ldmatrix(r, 4, false, row MOKA_PTX_AT);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -79,9 +93,9 @@ __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #endif
 }
 
-__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row MOKA_PTX_SITE) {
 #if defined(MOKA_CUDA_SIM)
-  ::moka_sim::ldmatrix(r, 4, true, row);
+  ::moka_sim::ldmatrix(r, 4, true, row MOKA_PTX_AT);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -91,9 +105,9 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
 #endif
 }
 
-__device__ inline void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
+__device__ inline void ldmatrix_x2(uint32_t (&r)[2], const void* row MOKA_PTX_SITE) {
 #if defined(MOKA_CUDA_SIM)
-  ::moka_sim::ldmatrix(r, 2, false, row);
+  ::moka_sim::ldmatrix(r, 2, false, row MOKA_PTX_AT);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])
@@ -139,3 +153,7 @@ __device__ inline void cp_async_wait() {
 }  // namespace ptx
 }  // namespace cuda
 }  // namespace moka
+
+#undef MOKA_PTX_SITE
+#undef MOKA_PTX_SITE_SPEC
+#undef MOKA_PTX_AT

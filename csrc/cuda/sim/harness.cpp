@@ -399,11 +399,32 @@ __global__ void partial_warp_shuffle_kernel(float* out) {
   if (threadIdx.x % 32 < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
 }
 
+__global__ void divergent_mma_kernel(float* out) {
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  if (threadIdx.x % 32 < 16) {
+    moka::cuda::ptx::mma_m16n8k16<__half>(d, a, b);
+  } else {
+    moka::cuda::ptx::mma_m16n8k16<__half>(d, a, b);
+  }
+  out[threadIdx.x] = d[0];
+}
+
 __global__ void smem_overrun_kernel(float* out) {
   MOKA_DYNAMIC_SHARED(smem);
   float* s = reinterpret_cast<float*>(smem);
   s[threadIdx.x + 3 * blockDim.x + 1] = 1.f;  // one float past the end for the last thread
   out[threadIdx.x] = 0.f;
+}
+
+__global__ void global_overrun_kernel(float* out) {
+  out[threadIdx.x + blockDim.x + 1] = 0.f;  // out holds 2 x blockDim.x floats
+}
+
+__global__ void misaligned_vector_load_kernel(float* out) {
+  MOKA_DYNAMIC_SHARED(smem);
+  const uint4 v = *reinterpret_cast<const uint4*>(smem + 2);  // 16-byte load, 2-byte aligned
+  out[threadIdx.x] = float(v.x);
 }
 
 __global__ void uninitialized_smem_kernel(float* out) {
@@ -478,7 +499,10 @@ int selftest(const Args& a) {
   if (a.name == "divergent_barrier") k = divergent_barrier_kernel;
   else if (a.name == "exit_before_barrier") k = exit_before_barrier_kernel;
   else if (a.name == "partial_warp_shuffle") k = partial_warp_shuffle_kernel;
+  else if (a.name == "divergent_mma") k = divergent_mma_kernel;
   else if (a.name == "smem_overrun") k = smem_overrun_kernel;
+  else if (a.name == "global_overrun") k = global_overrun_kernel;
+  else if (a.name == "misaligned_vector_load") k = misaligned_vector_load_kernel;
   else if (a.name == "uninitialized_smem") k = uninitialized_smem_kernel;
   else if (a.name == "missing_barrier") k = missing_barrier_kernel;
   else if (a.name == "ldmatrix_fragment") k = ldmatrix_fragment_kernel;

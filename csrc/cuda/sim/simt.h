@@ -7,8 +7,11 @@
 //    launch seed (a missing barrier makes the result depend on the seed);
 //  - __syncthreads is a CTA barrier that every live thread must reach at the
 //    same call site; a thread that exits while others wait is an error;
-//  - warp collectives (shfl, vote, mma.sync) gather all 32 lanes, check that
-//    they are at the same instruction, and then compute;
+//  - warp collectives (shfl, vote, mma.sync, ldmatrix) gather all 32 lanes,
+//    check that they are at the same instruction and call site, and then
+//    compute;
+//  - cp.async copies poison their destination when issued and write it only
+//    at the wait that retires their group;
 //  - dynamic shared memory is exactly the requested size, freshly allocated
 //    (AddressSanitizer sees an overrun) and filled with 0xFF (a NaN in every
 //    float type) at each CTA start;
