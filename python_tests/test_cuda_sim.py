@@ -61,6 +61,10 @@ CASES = {
     # some CTAs sum two tiles in registers.
     "many_components": (40, [(40, 2, 4, 4, 2)], {}),
     "odd_dims": (37, [(3, 5, 7, 3, 9)], {}),
+    # 11 tokens x mb = 20: four stage-2 warps, the last with 28 of 64 columns,
+    # so warps drift apart by several warp instructions (the simulator keeps
+    # warps with equal work in step): a shared buffer reused before every warp
+    # is done with it shows here.
     "dims_not_16": (11, [(2, 24, 18, 20, 32)], {}),
     "groups_1": (5, _G24[:1], {}),
     "groups_3_desc": (5, _G24[:3][::-1], {}),

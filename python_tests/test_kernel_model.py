@@ -65,9 +65,9 @@ def test_factor_traffic_follows_the_plans(sim):
     # HBM: x read, y written, factors once.
     assert v2["bytes_global"] == T * (4096 + 4096) * 2 + F
     # v1: one barrier per group, three per component, one before the epilogue;
-    # v2: one per group, two per component, one before the write.
+    # v2 (Zs double-buffered): one per group, one per component, one before the write.
     assert v1["barriers_per_tile"] == 1 + 1 + 3 * 4
-    assert v2["barriers_per_tile"] == 1 + 1 + 2 * 4
+    assert v2["barriers_per_tile"] == 1 + 1 + 4
 
 
 def test_json_has_one_object_per_kernel_version_and_shape():

@@ -104,6 +104,81 @@ inline int sm_count() {
   return v;
 }
 
+// Stage 1's accumulators (the kS1TilesM x kS1TilesN mma tiles of the warp
+// tile at (bm, bn) of Z^T[d][(t, a)], n1 = tt * na columns) times the gate,
+// rounded once to 16 bits, into Zs[(t*mb + d)][a] (row stride ldz).
+template <typename T>
+__device__ inline void store_z(T* zs, int ldz, const float (&acc1)[kS1TilesM][kS1TilesN][4], float gk, int bm,
+                               int bn, int n1, int na, int mb, int gid, int tig) {
+#pragma unroll
+  for (int jn = 0; jn < kS1TilesN; ++jn) {
+    const int c0 = bn + 8 * jn + 2 * tig;  // this thread's columns c0, c0 + 1
+    if (c0 >= n1) continue;
+    const int ta = c0 / na, aa = c0 - ta * na;
+    const int off0 = ta * mb * ldz + aa;
+    // With na even, c0 (even) and c0 + 1 are one token's a, a + 1.
+    const bool paired = (na % 2 == 0);
+    const bool valid1 = c0 + 1 < n1;
+    int off1 = 0;
+    if (!paired && valid1) {
+      const int tb = (c0 + 1) / na;
+      off1 = tb * mb * ldz + (c0 + 1 - tb * na);
+    }
+#pragma unroll
+    for (int i = 0; i < kS1TilesM; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int d = bm + 16 * i + gid + 8 * h;
+        if (d >= mb) continue;
+        const float v0 = gk * acc1[i][jn][2 * h], v1 = gk * acc1[i][jn][2 * h + 1];
+        if (paired) {
+          *reinterpret_cast<uint32_t*>(zs + off0 + d * ldz) = pack2<T>(v0, v1);
+        } else {
+          zs[off0 + d * ldz] = Bits<T>::from_float(v0);
+          if (valid1) zs[off1 + d * ldz] = Bits<T>::from_float(v1);
+        }
+      }
+    }
+  }
+}
+
+// y[t0 + t] = [base +] Ys[t] for t < nt (Ys: float32, tt x out), rounded
+// once, 16-byte stores where the layout allows.
+template <typename T>
+__device__ inline void store_y_from_ys(const KronMixParams& p, const float* ys, int64_t t0, int nt) {
+  const int out = p.out;
+  T* y = static_cast<T*>(p.y);
+  const T* base = static_cast<const T*>(p.base);
+  const bool vec = out % 8 == 0 && aligned16(y) && p.y_row_stride % 8 == 0 &&
+      (base == nullptr || (aligned16(base) && p.base_row_stride % 8 == 0));
+  if (vec) {
+    const int cpt = out / 8;
+    for (int i = threadIdx.x; i < nt * cpt; i += kThreads) {
+      const int t = i / cpt, o = (i - t * cpt) * 8;
+      const float4 lo = *reinterpret_cast<const float4*>(ys + t * out + o);
+      const float4 hi = *reinterpret_cast<const float4*>(ys + t * out + o + 4);
+      float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      if (base != nullptr) {
+        const uint4 b = __ldg(reinterpret_cast<const uint4*>(base + (t0 + t) * p.base_row_stride + o));
+        v[0] += unpack_lo<T>(b.x); v[1] += unpack_hi<T>(b.x);
+        v[2] += unpack_lo<T>(b.y); v[3] += unpack_hi<T>(b.y);
+        v[4] += unpack_lo<T>(b.z); v[5] += unpack_hi<T>(b.z);
+        v[6] += unpack_lo<T>(b.w); v[7] += unpack_hi<T>(b.w);
+      }
+      const uint4 w = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]),
+                                 pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+      *reinterpret_cast<uint4*>(y + (t0 + t) * p.y_row_stride + o) = w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < nt * out; i += kThreads) {
+      const int t = i / out, o = i - t * out;
+      float v = ys[t * out + o];
+      if (base != nullptr) v += Bits<T>::to_float(base[(t0 + t) * p.base_row_stride + o]);
+      y[(t0 + t) * p.y_row_stride + o] = Bits<T>::from_float(v);
+    }
+  }
+}
+
 // Fragment bytes one warp loads for an A (16 x 16) and a B (16 x 8) operand.
 constexpr int kFragABytes = 16 * 16 * 2, kFragBBytes = 16 * 8 * 2;
 

@@ -17,23 +17,26 @@
 // - Grid = min(tiles, SMs): one CTA of 256 threads per SM walks the token
 //   tiles blockIdx.x, blockIdx.x + gridDim.x, ... At the target cell (4096 x
 //   4096, 64 x 64 factors, r = 4) the resident factors (r * 2 * 64 * 72 * 2 B
-//   = 72 KiB), three x stages and Zs take 221 KB, so a second CTA does not fit;
-//   the ring, not a second CTA, hides the load latency.
+//   = 72 KiB), two x stages and two Zs buffers take 216 KiB, so a second CTA
+//   does not fit; the ring, not a second CTA, hides the load latency.
 // - Factors: every group's r components are copied into shared memory once
 //   per CTA (cp.async, in the first commit group), so factor traffic is
 //   SMs x factor bytes in all instead of tiles x factor bytes.
 // - Work items are (tile, group) pairs. Item i's x tile, laid out for its
 //   group, is loaded into ring stage i % S by cp.async while items i-S+1 ..
 //   i-1 compute; with one group x is read once, with several once per group
-//   (L2 hits after the first). S = 3 when it fits, else 2.
+//   (L2 hits after the first). S = 3 when it fits with the full tile, else 2
+//   (the target cell: 2).
 // - tt: the largest token count whose stage-2 accumulator ma16 x tt*mb fits
 //   the 8 warps' 32 x 64 register tiles (as v1: 4 tokens at 64 x 64), then
 //   shrunk until the factors, S stages and Zs fit the opt-in shared memory.
 //   A larger tile would need a second pass over d or more registers than one
 //   CTA of 256 threads holds at 1 CTA/SM; it would not change the bytes per
 //   token, only the barriers per token.
-// - Barriers per tile and group: 1 (stage ready, previous item done) + 2 per
-//   component (Zs written; Zs consumed) + 1 before the coalesced write.
+// - Zs is double-buffered by component parity, so each component costs one
+//   barrier (Zs written), not two. Barriers per tile: per group 1 (stage
+//   ready, previous item done) + r, and 1 before the coalesced write: 6 at
+//   r = 4 (v1: 14).
 // - Output: with one group the accumulators (+ base, in float32) are rounded
 //   once into a 16-bit tile that reuses Zs, then written to y in 16-byte rows;
 //   with several groups, whose output tilings differ, they are summed in a
@@ -46,8 +49,8 @@
 //   a warpgroup-wide M of 64 (so stage 1 runs d = 64 rows per warpgroup), and a
 //   simulator model of wgmma's descriptors and asynchronous completion, which
 //   csrc/cuda/sim/ does not have; the simulator could not check it.
-// Shapes whose factors do not fit in shared memory next to two x stages of
-// one token go to v1.
+// Shapes whose factors do not fit in shared memory next to two x stages and
+// two Zs buffers of one token go to v1.
 #include "../kron_mix.h"
 #include "kron_mix_common.cuh"
 #include "launch.cuh"
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* ys = reinterpret_cast<float*>(smem_raw);
   T* fac = reinterpret_cast<T*>(ys + plan.ys_elems);
   T* ring = fac + plan.fac_elems;
-  T* zs = ring + plan.stages * plan.x_stage_elems;
+  T* zs_base = ring + plan.stages * plan.x_stage_elems;  // two Zs buffers of zs_elems
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
@@ -244,9 +247,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // never writes; Zs is free here (the barrier above).
     if (na16 > g.na) {
       const int pad = na16 - g.na, rows = round_up(n2, 8);
-      for (int i = threadIdx.x; i < rows * pad; i += kThreads) {
-        const int row = i / pad;
-        zs[row * ldz + g.na + (i - row * pad)] = Bits<T>::from_float(0.f);
+      for (int i = threadIdx.x; i < 2 * rows * pad; i += kThreads) {
+        const int b = i / (rows * pad), e = i - b * rows * pad, row = e / pad;
+        zs_base[b * plan.zs_elems + row * ldz + g.na + (e - row * pad)] = Bits<T>::from_float(0.f);
       }
     }
 
@@ -265,6 +268,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int k = 0; k < g.r; ++k) {
       const T* as = fa + k * ma16 * lda;
       const T* bs = fb + k * mb16 * ldb;
+      // Component k's Z in buffer k % 2: stage 1 of k + 1 overlaps the
+      // stragglers of stage 2 of k, and k + 2 reuses the buffer only after
+      // every warp has passed k + 1's barrier, so after its stage 2 of k.
+      T* zs = zs_base + (k & 1) * plan.zs_elems;
       const float gk = Bits<T>::to_float(gates[g.gate_offset + k]);
 
       // Stage 1: Z^T = B X^T, M = mb16 (d), N = n1 (t, a), K = nb16 (b).
@@ -292,37 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int jn = 0; jn < kS1TilesN; ++jn)
               if (bm + 16 * i < mb16 && bn + 8 * jn < n1) ptx::mma_m16n8k16<T>(acc1[i][jn], af[i], bf[jn]);
         }
-        // g * Z^T[d][(t, a)] to Zs[(t*mb + d)][a].
-#pragma unroll
-        for (int jn = 0; jn < kS1TilesN; ++jn) {
-          const int c0 = bn + 8 * jn + 2 * tig;  // this thread's columns c0, c0 + 1
-          if (c0 >= n1) continue;
-          const int ta = c0 / g.na, aa = c0 - ta * g.na;
-          const int off0 = ta * g.mb * ldz + aa;
-          // With na even, c0 (even) and c0 + 1 are one token's a, a + 1.
-          const bool paired = (g.na % 2 == 0);
-          const bool valid1 = c0 + 1 < n1;
-          int off1 = 0;
-          if (!paired && valid1) {
-            const int tb = (c0 + 1) / g.na;
-            off1 = tb * g.mb * ldz + (c0 + 1 - tb * g.na);
-          }
-#pragma unroll
-          for (int i = 0; i < kS1TilesM; ++i) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int d = bm + 16 * i + gid + 8 * h;
-              if (d >= g.mb) continue;
-              const float v0 = gk * acc1[i][jn][2 * h], v1 = gk * acc1[i][jn][2 * h + 1];
-              if (paired) {
-                *reinterpret_cast<uint32_t*>(zs + off0 + d * ldz) = pack2<T>(v0, v1);
-              } else {
-                zs[off0 + d * ldz] = Bits<T>::from_float(v0);
-                if (valid1) zs[off1 + d * ldz] = Bits<T>::from_float(v1);
-              }
-            }
-          }
-        }
+        store_z<T>(zs, ldz, acc1, gk, bm, bn, n1, g.na, g.mb, gid, tig);
       }
       __syncthreads();  // Zs complete
 
@@ -342,14 +319,16 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (wm * 32 + 16 * i < ma16 && wn * 64 + 8 * jn < n2)
               ptx::mma_m16n8k16<T>(acc2[i][jn], af[i], bf[jn]);
       }
-      __syncthreads();  // Zs consumed: the next component (or the output tile) overwrites it
     }
 
     // The accumulators hold the group's acc[c][(t, d)] = y-part[t][c*mb + d].
-    // One group: + base in float32, rounded once into the 16-bit tile Os
-    // (reusing Zs). Several: summed into Ys.
+    // One group: + base in float32, rounded once into the 16-bit tile Os in
+    // the Zs buffer the last component did not use (last read by stage 2 of
+    // component r - 2, before the barrier of r - 1). Several: summed into Ys
+    // (ownership changes with the group's tiling: the next item's first
+    // barrier separates the groups).
     const bool one_group = G == 1;
-    T* os = zs;
+    T* os = zs_base + (g.r & 1) * plan.zs_elems;
 #pragma unroll
     for (int jn = 0; jn < kS2TilesN; ++jn) {
 #pragma unroll
@@ -380,44 +359,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (j != G - 1) continue;
     __syncthreads();  // the output tile is complete
 
-    // y rows of the tile: 16-byte stores where the layout allows.
-    const bool vec = out % 8 == 0 && aligned16(y) && p.y_row_stride % 8 == 0 &&
-        (one_group || base == nullptr || (aligned16(base) && p.base_row_stride % 8 == 0));
-    if (vec) {
-      const int cpt = out / 8;
-      for (int i = threadIdx.x; i < nt * cpt; i += kThreads) {
-        const int t = i / cpt, o = (i - t * cpt) * 8;
-        uint4 w;
-        if (one_group) {
-          w = *reinterpret_cast<const uint4*>(os + t * out + o);
-        } else {
-          const float4 lo = *reinterpret_cast<const float4*>(ys + t * out + o);
-          const float4 hi = *reinterpret_cast<const float4*>(ys + t * out + o + 4);
-          float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-          if (base != nullptr) {
-            const uint4 b = __ldg(reinterpret_cast<const uint4*>(base + (t0 + t) * p.base_row_stride + o));
-            v[0] += unpack_lo<T>(b.x); v[1] += unpack_hi<T>(b.x);
-            v[2] += unpack_lo<T>(b.y); v[3] += unpack_hi<T>(b.y);
-            v[4] += unpack_lo<T>(b.z); v[5] += unpack_hi<T>(b.z);
-            v[6] += unpack_lo<T>(b.w); v[7] += unpack_hi<T>(b.w);
-          }
-          w = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+    if (one_group) {
+      // The rounded rows of Os to y: 16-byte stores where the layout allows.
+      if (out % 8 == 0 && aligned16(y) && p.y_row_stride % 8 == 0) {
+        const int cpt = out / 8;
+        for (int i = threadIdx.x; i < nt * cpt; i += kThreads) {
+          const int t = i / cpt, o = (i - t * cpt) * 8;
+          *reinterpret_cast<uint4*>(y + (t0 + t) * p.y_row_stride + o) =
+              *reinterpret_cast<const uint4*>(os + t * out + o);
         }
-        *reinterpret_cast<uint4*>(y + (t0 + t) * p.y_row_stride + o) = w;
+      } else {
+        for (int i = threadIdx.x; i < nt * out; i += kThreads) {
+          const int t = i / out, o = i - t * out;
+          y[(t0 + t) * p.y_row_stride + o] = os[t * out + o];
+        }
       }
     } else {
-      for (int i = threadIdx.x; i < nt * out; i += kThreads) {
-        const int t = i / out, o = i - t * out;
-        T v;
-        if (one_group) {
-          v = os[t * out + o];
-        } else {
-          float f = ys[t * out + o];
-          if (base != nullptr) f += Bits<T>::to_float(base[(t0 + t) * p.base_row_stride + o]);
-          v = Bits<T>::from_float(f);
-        }
-        y[(t0 + t) * p.y_row_stride + o] = v;
-      }
+      store_y_from_ys<T>(p, ys, t0, nt);
     }
     // The next item's first barrier protects Os/Ys until every thread is done here.
   }
@@ -443,7 +401,7 @@ size_t v2_smem(const KronMixParams& p, int tt, int S, FusedPlanV2* q) {
   q->fac_elems = fac;
   q->x_stage_elems = xst;
   q->zs_elems = zs;
-  q->smem_bytes = size_t(q->ys_elems) * 4 + (size_t(fac) + size_t(S) * xst + zs) * 2;
+  q->smem_bytes = size_t(q->ys_elems) * 4 + (size_t(fac) + size_t(S) * xst + 2 * size_t(zs)) * 2;
   return q->smem_bytes;
 }
 
@@ -470,14 +428,11 @@ const char* make_plan_v2(const KronMixParams& p, FusedPlanV2* plan) {
   if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
   FusedPlanV2 q{};
   bool ok = false;
-  // Deeper ring first (it hides the load latency), then fewer tokens per tile.
-  for (int S = kMaxStages; S >= 2 && !ok; --S) {
-    for (int t = tt; t >= 1 && !ok; --t) {
-      // Below half the register tile, two stages of the full tile beat three of a half.
-      if (S == kMaxStages && 2 * t < tt) break;
-      ok = v2_smem(p, t, S, &q) <= limit;
-    }
-  }
+  // Three stages of the full register tile, else two stages of the largest
+  // tile that fits: halving tt doubles the barriers per token, a third stage
+  // only deepens a prefetch that two stages already overlap with the MMAs.
+  ok = v2_smem(p, tt, kMaxStages, &q) <= limit;
+  for (int t = tt; t >= 1 && !ok; --t) ok = v2_smem(p, t, 2, &q) <= limit;
   if (!ok) return "the factors and two x stages of one token do not fit in shared memory";
   q.tiles = p.tokens == 0 ? 0 : (p.tokens + q.tt - 1) / q.tt;
   const int64_t sms = sm_count();
@@ -529,7 +484,7 @@ const char* kron_mix_fused_plan(const KronMixParams& p, FusedImpl impl, KronLaun
   q.stages = plan.stages;
   q.factor_loads = 1;
   q.barriers_per_tile = 1;
-  for (int j = 0; j < p.n_groups; ++j) q.barriers_per_tile += 1 + 2 * p.groups[j].r;
+  for (int j = 0; j < p.n_groups; ++j) q.barriers_per_tile += 1 + p.groups[j].r;
   q.smem_bytes = plan.smem_bytes;
   // Per group: x written into its ring stage, the two stages; then the
   // output tile: 16-bit Os written and read (one group), or float32 Ys
