@@ -1,7 +1,7 @@
 // The simulator's scheduler and runtime: CTAs run one after another (in a
 // seeded random order); within a CTA every thread is a ucontext fiber that
 // runs until it reaches a synchronization point, and the runnable fibers are
-// reshuffled after every round.
+// reshuffled after every round, or (run-ahead phases) run warp by warp.
 #include "simt.h"
 
 #include <sys/mman.h>
@@ -11,6 +11,7 @@
 #include <cstdarg>
 #include <cstring>
 #include <map>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -221,7 +222,20 @@ void run_cta(Cta& c, std::mt19937_64& rng) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
   }
+  // Each barrier phase draws one of two schedules. Interleaved: every ready thread runs to its
+  // next synchronization point, in a shuffled order, round after round. Run-ahead: the warps
+  // run one at a time in a shuffled priority order, each as far as it can (to the barrier),
+  // so warps with equal work drift apart as on hardware and a missing barrier between one
+  // warp's writes and another's reads shows even when a warp collective lies between them.
   std::vector<Fiber*> order;
+  std::vector<unsigned> warp_rank(c.warps.size());
+  bool run_ahead = false;
+  auto new_phase = [&] {
+    run_ahead = (rng() & 1) != 0;
+    std::iota(warp_rank.begin(), warp_rank.end(), 0u);
+    std::shuffle(warp_rank.begin(), warp_rank.end(), rng);
+  };
+  new_phase();
   for (;;) {
     order.clear();
     for (Fiber& f : c.fibers)
@@ -244,7 +258,15 @@ void run_cta(Cta& c, std::mt19937_64& rng) {
         if (f.site_line != first->site_line || std::strcmp(f.site_file, first->site_file) != 0)
           deadlock(c, "threads of one CTA wait at different __syncthreads");
       for (Fiber& f : c.fibers) f.state = State::kReady, f.site_file = nullptr, f.site_line = 0;
+      new_phase();
       continue;
+    }
+    if (run_ahead) {
+      unsigned first = ~0u;
+      for (const Fiber* f : order) first = std::min(first, warp_rank[f->t.linear / 32]);
+      order.erase(std::remove_if(order.begin(), order.end(),
+                                 [&](const Fiber* f) { return warp_rank[f->t.linear / 32] != first; }),
+                  order.end());
     }
     std::shuffle(order.begin(), order.end(), rng);
     for (Fiber* f : order) resume(c, *f);
