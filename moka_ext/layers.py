@@ -172,6 +172,7 @@ class MoKALinear(nn.Module):
         dropout: float = 0.0,
         init: str = "zero_b",
         budget: Optional[int] = None,
+        flops=None,
         dtype: torch.dtype = torch.float32,
         adapter_name: str = "default",
     ) -> None:
@@ -186,7 +187,7 @@ class MoKALinear(nn.Module):
         if init not in ("zero_b", "zero_a", "random") or (variant == "mokas" and init == "zero_a"):
             raise ValueError(f"MoKALinear: init must be 'zero_b', 'zero_a' or 'random' ('zero_b'/'random' for mokas), got {init!r}")
         if shapes == "auto":
-            shapes = choose_shapes(self.out_features, self.in_features, r, variant, budget)
+            shapes = choose_shapes(self.out_features, self.in_features, r, variant, budget, flops)
         shapes = [
             validate_shape(s, self.out_features, self.in_features, variant, where=f"MoKALinear shapes[{i}]")
             for i, s in enumerate(shapes)

@@ -1,16 +1,18 @@
 """Kronecker factor shapes: validation and the ``"auto"`` choice.
 
 Owns: what a component shape ``(ma, na, mb, nb)`` is (A: ma x na, B: mb x nb,
-``ma*mb == out``, ``na*nb == in``), its parameter cost, and ``choose_shapes``,
-which picks diverse, non-degenerate shapes for a layer under a parameter
-budget. Pure arithmetic: no torch, no model.
+``ma*mb == out``, ``na*nb == in``), its parameter cost, its compute cost
+(multiply-adds per token), and ``choose_shapes``, which picks diverse,
+non-degenerate shapes for a layer under a parameter budget and, optionally, a
+multiply-add cap. Pure arithmetic: no torch, no model.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
-__all__ = ["Shape", "VARIANTS", "choose_shapes", "default_budget", "shape_cost", "validate_shape"]
+__all__ = ["Shape", "VARIANTS", "choose_shapes", "default_budget", "default_flops", "lora_macs",
+           "shape_cost", "shape_macs", "validate_shape"]
 
 Shape = tuple[int, int, int, int]  # (ma, na, mb, nb)
 VARIANTS = ("moka", "mokas")
@@ -40,15 +42,48 @@ def shape_cost(shape: Shape, variant: str = "moka") -> int:
     return mb * nb if variant == "mokas" else ma * na + mb * nb
 
 
+def shape_macs(shape: Shape, variant: str = "moka") -> int:
+    """Multiply-adds per token of one component's forward ``Y = A X B^T``.
+
+    MoKA: whichever order is cheaper, as the CPU kernel picks it: A first costs
+    ``ma*nb*(na + mb)``, B first ``na*mb*(nb + ma)``. MoKAs (A the identity):
+    only ``X B^T``, ``ma * mb * nb``."""
+    ma, na, mb, nb = shape
+    if variant == "mokas":
+        return ma * mb * nb
+    return min(ma * nb * (na + mb), na * mb * (nb + ma))
+
+
+def lora_macs(out_features: int, in_features: int, r: int) -> int:
+    """Multiply-adds per token of a rank-r LoRA update ``B (A x)``."""
+    return r * (out_features + in_features)
+
+
+# The multiply-add cap "auto" stands for: LoRA at this rank on the same layer.
+FLOPS_LORA_RANK = 16
+
+
+def default_flops(out_features: int, in_features: int) -> int:
+    return lora_macs(out_features, in_features, FLOPS_LORA_RANK)
+
+
 def default_budget(out_features: int, in_features: int, r: int) -> int:
     # Twice the cost of r perfectly balanced components (sqrt(out) x sqrt(in) factors).
     return int(4 * r * math.sqrt(out_features * in_features))
 
 
 def choose_shapes(
-    out_features: int, in_features: int, r: int, variant: str = "moka", budget: Optional[int] = None
+    out_features: int,
+    in_features: int,
+    r: int,
+    variant: str = "moka",
+    budget: Optional[int] = None,
+    flops: Union[int, str, None] = None,
 ) -> list[Shape]:
-    """Pick r different, non-degenerate factor shapes for an ``out x in`` layer within ``budget``.
+    """Pick r different, non-degenerate factor shapes for an ``out x in`` layer within ``budget``
+    parameters and, when ``flops`` is given, within ``flops`` multiply-adds per token for the
+    whole adapter (``"auto"``: LoRA r=16's at this layer, :func:`default_flops`). Both limits are
+    split evenly over the r components.
 
     MoKA: a component's rank is ``min(ma, na) * min(mb, nb)`` and its cost
     ``ma*na + mb*nb``; candidates (all four dims >= 2, so no 1 x n factor)
@@ -63,7 +98,13 @@ def choose_shapes(
     # MoKAs' block-diagonal update has full rank for every k, so by default only
     # the nearness to a balanced block size decides, with no cap.
     cap = math.inf if budget is None else budget / r
+    if flops == "auto":
+        flops = default_flops(out_features, in_features)
+    mac_cap = math.inf if flops is None else flops / r
     what = f"a {out_features} x {in_features} layer"
+    within = f"at most {cap:.0f} parameters per component (budget={budget})"
+    if flops is not None:
+        within += f" and {mac_cap:.0f} multiply-adds per token per component (flops={flops})"
     if variant == "mokas":
         ks = [
             k
@@ -73,11 +114,11 @@ def choose_shapes(
         target = (out_features * in_features) ** 0.25
         ks.sort(key=lambda k: (abs(math.log(k / target)), -k))
         picked = [(k, k, out_features // k, in_features // k) for k in ks]
-        picked = [s for s in picked if shape_cost(s, variant) <= cap][:r]
+        picked = [s for s in picked if shape_cost(s, variant) <= cap and shape_macs(s, variant) <= mac_cap][:r]
         if len(picked) < r:
             raise ValueError(
                 f"shapes='auto': {what} has only {len(picked)} MoKAs block sizes k (k >= 2 dividing both dims) "
-                f"with at most {cap:.0f} parameters per component (budget={budget}), but r={r}; lower r or raise budget"
+                f"with {within}, but r={r}; lower r or raise budget"
             )
         return picked
     if variant != "moka":
@@ -87,7 +128,7 @@ def choose_shapes(
         for ma in _divisors(out_features)
         for na in _divisors(in_features)
     ]
-    cands = [s for s in cands if min(s) >= 2 and shape_cost(s) <= cap]
+    cands = [s for s in cands if min(s) >= 2 and shape_cost(s) <= cap and shape_macs(s) <= mac_cap]
     cands.sort(key=lambda s: (-(min(s[0], s[1]) * min(s[2], s[3])), shape_cost(s), s))
     picked: list[Shape] = []
     for strict in (True, False):
@@ -102,7 +143,7 @@ def choose_shapes(
     if len(picked) < r:
         raise ValueError(
             f"shapes='auto': {what} has only {len(picked)} distinct non-degenerate factor shapes "
-            f"(all of ma, na, mb, nb >= 2) within {cap:.0f} parameters per component (budget={budget}), "
-            f"but r={r}; lower r, raise budget or give explicit shapes"
+            f"(all of ma, na, mb, nb >= 2) with {within}, "
+            f"but r={r}; lower r, raise budget or flops, or give explicit shapes"
         )
     return picked
