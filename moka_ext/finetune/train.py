@@ -45,7 +45,7 @@ CHECKPOINT = "checkpoint"
 TRAJECTORY_KEYS = ("model", "quant", "method", "r", "gating", "flops_cap", "dropout", "task", "hold_out_dev",
                    "max_steps", "epochs", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "seq_len", "seed", "bf16", "world_size")
-# Trajectory keys that checkpoints written before them lack, with the value those runs had.
+# A checkpoint without one of these keys ran with the value given here.
 _KEY_DEFAULTS = {"flops_cap": False, "hold_out_dev": False}
 
 
