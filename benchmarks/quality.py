@@ -129,6 +129,13 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def lr_tag(lr: float) -> str:
     return f"{lr:g}"
 
@@ -394,7 +401,7 @@ def report(out: Path, args) -> str:
     if not found:
         parts.append("no scored runs yet")
         text = "\n".join(parts) + "\n"
-        (out / "quality.md").write_text(text)
+        write_text_atomic(out / "quality.md", text)
         return text
     order = [m for m in METHODS if m in found]
     first = found[order[0]][0]["scores"]
@@ -443,7 +450,7 @@ def report(out: Path, args) -> str:
     parts += [f"- {verdict(compare(found, a, b), a, b, what)}" for a, b, what in COMPARISONS
               if a in found or b in found]
     text = "\n".join(parts) + "\n"
-    (out / "quality.md").write_text(text)
+    write_text_atomic(out / "quality.md", text)
     plot_accuracy(points, Path(args.plot) if args.plot else out / "accuracy_vs_params.png")
     plot_losses(found, out / "loss_curves.png")
     return text
