@@ -35,11 +35,14 @@ class Method(NamedTuple):
     label: str
     baseline: str | None  # moka_ext.finetune.baselines method; None: LyCORIS, set up in put_adapter
     r: int | None
+    flops_cap: bool = False  # MoKA's auto shapes under LoRA r=16's multiply-adds per token
 
 
 METHODS = {
     "qlora": Method("nf4", "QLoRA r=16 (PEFT)", "lora", 16),
+    "qlora_r4": Method("nf4", "QLoRA r=4 (PEFT)", "lora", 4),
     "moka": Method("nf4", "MoKA r=4, auto shapes", "moka", 4),
+    "moka_flops": Method("nf4", "MoKA r=4, LoRA r=16 flops cap", "moka", 4, flops_cap=True),
     "moka_r1": Method("nf4", "MoKA r=1, auto shapes", "moka", 1),
     "mokas": Method("nf4", "MoKAs r=4", "mokas", 4),
     "qdora": Method("nf4", "QDoRA r=16 (PEFT)", "dora", 16),
@@ -92,7 +95,7 @@ def put_adapter(model, method: str, quant: str):
     from moka_ext.finetune.baselines import apply_method
 
     m = METHODS[method]
-    model = apply_method(model, m.baseline, m.r, quant)
+    model = apply_method(model, m.baseline, m.r, quant, flops_cap=m.flops_cap)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 

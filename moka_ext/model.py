@@ -104,7 +104,7 @@ def _resolve_shapes(settings: ModuleSettings, out_f: int, in_f: int, name: str) 
         if settings.shapes != "auto" and len(settings.shapes) != settings.r:
             raise ValueError(f"shapes lists {len(settings.shapes)} components but r={settings.r}")
         if settings.shapes == "auto":
-            shapes = choose_shapes(out_f, in_f, settings.r, settings.variant, settings.budget)
+            shapes = choose_shapes(out_f, in_f, settings.r, settings.variant, settings.budget, settings.flops)
         else:
             shapes = [
                 validate_shape(s, out_f, in_f, settings.variant, where=f"shapes[{i}]")

@@ -1,18 +1,21 @@
 """Kronecker factor shapes: validation and the ``"auto"`` choice.
 
 Owns: what a component shape ``(ma, na, mb, nb)`` is (A: ma x na, B: mb x nb,
-``ma*mb == out``, ``na*nb == in``), its parameter cost, and ``choose_shapes``,
-which picks diverse, non-degenerate shapes for a layer under a parameter
-budget, falling back to the best valid factorization (with a warning) for
-layers that have too few such shapes. Pure arithmetic: no torch, no model.
+``ma*mb == out``, ``na*nb == in``), its parameter cost, its compute cost
+(multiply-adds per token), and ``choose_shapes``, which picks diverse,
+non-degenerate shapes for a layer under a parameter budget and, optionally, a
+multiply-add cap, falling back to the best valid factorization (with a
+warning) for layers that have too few such shapes. Pure arithmetic: no torch,
+no model.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
-__all__ = ["NoShapes", "Shape", "VARIANTS", "choose_shapes", "default_budget", "shape_cost", "validate_shape"]
+__all__ = ["NoShapes", "Shape", "VARIANTS", "choose_shapes", "default_budget", "default_flops", "lora_macs",
+           "shape_cost", "shape_macs", "validate_shape"]
 
 Shape = tuple[int, int, int, int]  # (ma, na, mb, nb)
 VARIANTS = ("moka", "mokas")
@@ -42,6 +45,31 @@ def shape_cost(shape: Shape, variant: str = "moka") -> int:
     return mb * nb if variant == "mokas" else ma * na + mb * nb
 
 
+def shape_macs(shape: Shape, variant: str = "moka") -> int:
+    """Multiply-adds per token of one component's forward ``Y = A X B^T``.
+
+    MoKA: whichever order is cheaper, as the CPU kernel picks it: A first costs
+    ``ma*nb*(na + mb)``, B first ``na*mb*(nb + ma)``. MoKAs (A the identity):
+    only ``X B^T``, ``ma * mb * nb``."""
+    ma, na, mb, nb = shape
+    if variant == "mokas":
+        return ma * mb * nb
+    return min(ma * nb * (na + mb), na * mb * (nb + ma))
+
+
+def lora_macs(out_features: int, in_features: int, r: int) -> int:
+    """Multiply-adds per token of a rank-r LoRA update ``B (A x)``."""
+    return r * (out_features + in_features)
+
+
+# The multiply-add cap "auto" stands for: LoRA at this rank on the same layer.
+FLOPS_LORA_RANK = 16
+
+
+def default_flops(out_features: int, in_features: int) -> int:
+    return lora_macs(out_features, in_features, FLOPS_LORA_RANK)
+
+
 def default_budget(out_features: int, in_features: int, r: int) -> int:
     # Twice the cost of r perfectly balanced components (sqrt(out) x sqrt(in) factors).
     return int(4 * r * math.sqrt(out_features * in_features))
@@ -52,9 +80,17 @@ class NoShapes(ValueError):
 
 
 def choose_shapes(
-    out_features: int, in_features: int, r: int, variant: str = "moka", budget: Optional[int] = None
+    out_features: int,
+    in_features: int,
+    r: int,
+    variant: str = "moka",
+    budget: Optional[int] = None,
+    flops: Union[int, str, None] = None,
 ) -> list[Shape]:
-    """Pick r factor shapes for an ``out x in`` layer, diverse and within ``budget`` if possible.
+    """Pick r factor shapes for an ``out x in`` layer, diverse and within ``budget`` parameters
+    and, when ``flops`` is given, within ``flops`` multiply-adds per token for the whole adapter
+    (``"auto"``: LoRA r=16's at this layer, :func:`default_flops`), if possible. Both limits
+    are split evenly over the r components.
 
     MoKA: a component's rank is ``min(ma, na) * min(mb, nb)`` and its cost
     ``ma*na + mb*nb``; candidates (all four dims >= 2, so no 1 x n factor)
@@ -73,27 +109,40 @@ def choose_shapes(
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be an int >= 1, got {r!r}")
     try:
-        return _preferred_shapes(out_features, in_features, r, variant, budget)
+        return _preferred_shapes(out_features, in_features, r, variant, budget, flops)
     except NoShapes as e:
-        shapes = _fallback_shapes(out_features, in_features, r, variant, budget)
+        shapes = _fallback_shapes(out_features, in_features, r, variant, budget, flops)
         warnings.warn(f"{e}; using the best valid factorization instead: {shapes}", stacklevel=2)
         return shapes
 
 
-def _cap(out_features: int, in_features: int, r: int, variant: str, budget: Optional[int]) -> float:
-    if budget is None and variant != "mokas":
-        budget = default_budget(out_features, in_features, r)
-    # MoKAs' block-diagonal update has full rank for every k, so by default only
-    # the nearness to a balanced block size decides, with no cap.
-    return math.inf if budget is None else budget / r
+class _Limits:
+    """Per-component limits: parameters (``cap``) and multiply-adds per token (``mac_cap``)."""
+
+    def __init__(self, out_features, in_features, r, variant, budget, flops):
+        if budget is None and variant != "mokas":
+            budget = default_budget(out_features, in_features, r)
+        # MoKAs' block-diagonal update has full rank for every k, so by default only
+        # the nearness to a balanced block size decides, with no cap.
+        self.cap = math.inf if budget is None else budget / r
+        if flops == "auto":
+            flops = default_flops(out_features, in_features)
+        self.mac_cap = math.inf if flops is None else flops / r
+        self.variant = variant
+        self.text = f"at most {self.cap:.0f} parameters per component (budget={budget})"
+        if flops is not None:
+            self.text += f" and {self.mac_cap:.0f} multiply-adds per token per component (flops={flops})"
+
+    def within(self, s: Shape) -> bool:
+        return shape_cost(s, self.variant) <= self.cap and shape_macs(s, self.variant) <= self.mac_cap
 
 
 def _rank(s: Shape) -> int:
     return min(s[0], s[1]) * min(s[2], s[3])
 
 
-def _preferred_shapes(out_features, in_features, r, variant, budget) -> list[Shape]:
-    cap = _cap(out_features, in_features, r, variant, budget)
+def _preferred_shapes(out_features, in_features, r, variant, budget, flops) -> list[Shape]:
+    limits = _Limits(out_features, in_features, r, variant, budget, flops)
     what = f"shapes='auto': a {out_features} x {in_features} layer"
     if variant == "mokas":
         ks = [
@@ -104,11 +153,11 @@ def _preferred_shapes(out_features, in_features, r, variant, budget) -> list[Sha
         target = (out_features * in_features) ** 0.25
         ks.sort(key=lambda k: (abs(math.log(k / target)), -k))
         picked = [(k, k, out_features // k, in_features // k) for k in ks]
-        picked = [s for s in picked if shape_cost(s, variant) <= cap][:r]
+        picked = [s for s in picked if limits.within(s)][:r]
         if len(picked) < r:
             raise NoShapes(
                 f"{what} has only {len(picked)} MoKAs block sizes k (k >= 2 dividing both dims, blocks >= 2 x 2) "
-                f"with at most {cap:.0f} parameters per component (budget={budget}), but r={r}"
+                f"with {limits.text}, but r={r}"
             )
         return picked
     cands = [
@@ -116,13 +165,13 @@ def _preferred_shapes(out_features, in_features, r, variant, budget) -> list[Sha
         for ma in _divisors(out_features)
         for na in _divisors(in_features)
     ]
-    cands = [s for s in cands if min(s) >= 2 and shape_cost(s) <= cap]
+    cands = [s for s in cands if min(s) >= 2 and limits.within(s)]
     cands.sort(key=lambda s: (-_rank(s), shape_cost(s), s))
     picked = _distinct(cands, r)
     if len(picked) < r:
         raise NoShapes(
             f"{what} has only {len(picked)} distinct non-degenerate factor shapes "
-            f"(all of ma, na, mb, nb >= 2) within {cap:.0f} parameters per component (budget={budget}), but r={r}"
+            f"(all of ma, na, mb, nb >= 2) with {limits.text}, but r={r}"
         )
     return picked
 
@@ -142,12 +191,12 @@ def _distinct(cands: list[Shape], r: int) -> list[Shape]:
     return picked
 
 
-def _fallback_shapes(out_features, in_features, r, variant, budget) -> list[Shape]:
-    cap = _cap(out_features, in_features, r, variant, budget)
+def _fallback_shapes(out_features, in_features, r, variant, budget, flops) -> list[Shape]:
+    limits = _Limits(out_features, in_features, r, variant, budget, flops)
     if variant == "mokas":
         target = (out_features * in_features) ** 0.25
         cands = [(k, k, out_features // k, in_features // k) for k in _divisors(math.gcd(out_features, in_features))]
-        cands.sort(key=lambda s: (shape_cost(s, variant) > cap, abs(math.log(s[0] / target)), -s[0]))
+        cands.sort(key=lambda s: (not limits.within(s), abs(math.log(s[0] / target)), -s[0]))
         picked = cands[:r]
     else:
         cands = [
@@ -155,8 +204,8 @@ def _fallback_shapes(out_features, in_features, r, variant, budget) -> list[Shap
             for ma in _divisors(out_features)
             for na in _divisors(in_features)
         ]
-        # Within the budget first, then by rank and cost as in the preferred choice.
-        cands.sort(key=lambda s: (shape_cost(s) > cap, -_rank(s), shape_cost(s), s))
+        # Within the limits first, then by rank and cost as in the preferred choice.
+        cands.sort(key=lambda s: (not limits.within(s), -_rank(s), shape_cost(s), s))
         picked = _distinct(cands, r)
     # Fewer valid shapes than components: repeat the best ones (they stack in one group).
     return [picked[i % len(picked)] for i in range(r)]

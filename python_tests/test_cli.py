@@ -133,6 +133,7 @@ def _fails(argv, capsys, *fragments):
     (["--model", "llama-9000"], "unknown model 'llama-9000'"),
     (["--method", "adalora"], "unknown method 'adalora'"),
     (["--method", "lokr", "--quant", "nf4"], "--quant none"),
+    (["--method", "lora", "--flops-cap"], "--flops-cap does not apply to 'lora'"),
 ])
 def test_unknown_names_fail_before_any_output(tmp_path, capsys, flags, fragment):
     out = tmp_path / "out"
@@ -178,6 +179,27 @@ def test_resume_refuses_another_configuration_and_a_used_dir(finished_run, capsy
     _fails([*base, "--lr", "5e-3", "--resume"], capsys, "another configuration", "lr: checkpoint 0.01, now 0.005")
     _fails(base, capsys, "already holds a run", "--resume")
     assert (finished_run / "checkpoint" / "trainer_state.json").read_text() == before
+
+
+def test_hold_out_dev_and_flops_cap_reach_the_run(tmp_path, capsys):
+    import moka_ext
+    from moka_ext.finetune import models
+    from moka_ext.model import moka_layers
+    from moka_ext.shapes import choose_shapes
+
+    out = tmp_path / "run"
+    assert cli.main(["finetune", *TINY_RUN, "--max-steps", "1", "--eval-task", "none", "--hold-out-dev",
+                     "--flops-cap", "--output-dir", str(out)]) == 0
+    assert "on arc_easy (2151 examples)" in capsys.readouterr().out  # 2251 less the 100 dev questions
+    m = metrics(out)
+    assert m["config"]["hold_out_dev"] is True and m["config"]["flops_cap"] is True
+    model, _ = models.load_model("tiny", "none")
+    model = moka_ext.load_adapter(model, out / "adapter")
+    layers = moka_layers(model)
+    assert layers and model.moka_config.flops == "auto"
+    for layer in layers.values():
+        capped = choose_shapes(layer.out_features, layer.in_features, 4, flops="auto")
+        assert sorted(layer.shapes) == sorted(capped) != sorted(choose_shapes(layer.out_features, layer.in_features, 4))
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):

@@ -104,3 +104,70 @@ def test_tokenized_examples_mask_the_prompt_and_keep_the_target():
     batch = data.make_collator(tok)([ex, short])
     assert batch["input_ids"].shape == (2, len(ex["input_ids"]))
     assert batch["labels"][1, 8:].eq(-100).all() and batch["attention_mask"][1, 8:].eq(0).all()
+
+
+# ------------------------------------------------------------------ the dev split
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "openbookqa"])
+def test_dev_split_is_100_train_questions_never_trained_on(task):
+    train = data.load_task(task, "train")
+    dev = data.load_task(task, "dev")
+    held_out = data.load_task(task, "train", hold_out_dev=True)
+    assert len(dev) == data.DEV_SIZE == 100 and len(set(dev)) == 100
+    assert set(dev) <= set(train)  # carved out of the train split, not the validation one
+    assert not set(dev) & set(held_out)
+    assert sorted(map(repr, held_out + dev)) == sorted(map(repr, train))  # nothing else removed
+    assert not set(dev) & set(data.load_task(task, "validation"))
+    assert data.load_task(task, "dev") == dev
+
+
+def test_dev_split_is_the_same_in_another_process():
+    # The rule must not depend on hashing or on anything but the split: a later session scoring
+    # "the dev split" must score the same questions.
+    import os
+    import subprocess
+    import sys
+
+    from _main_job import subprocess_env
+
+    code = ("import json; from moka_ext.finetune import data; "
+            "print(json.dumps([q.to_json() for q in data.load_task('arc_challenge', 'dev')]))")
+    outs = [subprocess.run([sys.executable, "-c", code], env=subprocess_env(PYTHONHASHSEED=seed), text=True,
+                           capture_output=True, check=True).stdout for seed in ("1", "2")]
+    here = [q.to_json() for q in data.load_task("arc_challenge", "dev")]
+    assert json.loads(outs[0]) == json.loads(outs[1]) == here
+    assert os.environ.get("MOKA_CACHE_DIR")  # the subprocesses read the same private cache
+
+
+def test_dev_question_is_held_out_wherever_it_repeats(tmp_path, monkeypatch):
+    # Some train splits hold one question under two documents: both copies leave training.
+    monkeypatch.setenv("MOKA_CACHE_DIR", str(tmp_path))
+    records = [{"query": f"Question: {i}?\nAnswer:", "choices": ["a", "b"], "gold": i % 2} for i in range(151)]
+    dev_idx = data.dev_indices(151)
+    copy_at = next(i for i in range(151) if i not in dev_idx)
+    records[copy_at] = records[dev_idx[0]]  # a train question that is also a dev question
+    path = tmp_path / "data" / data.DATA_LAYOUT / "arc_easy" / "train.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    dev = data.load_task("arc_easy", "dev")
+    held_out = data.load_task("arc_easy", "train", hold_out_dev=True)
+    assert len(dev) == 100 and len(held_out) == 151 - 101
+    assert not set(dev) & set(held_out)
+
+
+def test_commonsense_mix_without_the_dev_split(monkeypatch):
+    monkeypatch.setattr(data, "TASKS", {k: data.TASKS[k] for k in ("arc_easy", "arc_challenge")})
+    dev = {q for t in data.TASKS for q in data.load_task(t, "dev")}
+    full = data.load_task("commonsense", "train", seed=3)
+    mix = data.load_task("commonsense", "train", seed=3, hold_out_dev=True)
+    assert len(dev) == 200 and dev <= set(full)
+    assert not dev & set(mix) and len(mix) == len(full) - 200
+    assert mix == data.load_task("commonsense", "train", seed=3, hold_out_dev=True)
+
+
+def test_dev_split_errors():
+    with pytest.raises(data.DataError, match="unknown split 'test'.*dev"):
+        data.load_task("arc_easy", "test")
+    with pytest.raises(data.DataError, match="cannot spare 100"):
+        data.dev_indices(100)

