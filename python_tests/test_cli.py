@@ -196,10 +196,11 @@ def test_hold_out_dev_and_flops_cap_reach_the_run(tmp_path, capsys):
     model, _ = models.load_model("tiny", "none")
     model = moka_ext.load_adapter(model, out / "adapter")
     layers = moka_layers(model)
-    assert layers and model.moka_config.flops == "auto"
+    assert layers and model.moka_configs["default"].flops == "auto"
     for layer in layers.values():
         capped = choose_shapes(layer.out_features, layer.in_features, 4, flops="auto")
-        assert sorted(layer.shapes) == sorted(capped) != sorted(choose_shapes(layer.out_features, layer.in_features, 4))
+        assert sorted(layer.shapes["default"]) == sorted(capped) != sorted(
+            choose_shapes(layer.out_features, layer.in_features, 4))
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):

@@ -12,10 +12,10 @@
 // keeps one set of factors resident in a persistent CTA, which a schedule
 // whose tiles change adapter would reload anyway.
 //
-// The helpers below repeat kron_mix_fused.cu's device helpers, which live in
-// that file's anonymous namespace.
+// The tile itself is kron_mix_two_stage.cuh, shared with the v1 forward.
 #include "../kron_mix.h"
 #include "kron_mix_common.cuh"
+#include "kron_mix_two_stage.cuh"
 #include "launch.cuh"
 #include "ptx.cuh"
 
@@ -28,48 +28,6 @@
 namespace moka {
 namespace cuda {
 namespace {
-
-// Fragment loads from a row-major [rows][ld] 16-bit tile whose k (column)
-// index is contiguous. PTX m16n8k16 layout, gid = lane / 4, tig = lane % 4:
-// A regs hold (row gid | gid+8, cols 2tig..+1 | 2tig+8..+9); B regs hold
-// (col n = gid, rows k = 2tig..+1 | 2tig+8..+9).
-template <typename T>
-__device__ inline void load_frag_a(uint32_t (&a)[4], const T* s, int ld, int m0, int k0, int gid, int tig) {
-  const T* p = s + (m0 + gid) * ld + k0 + 2 * tig;
-  a[0] = *reinterpret_cast<const uint32_t*>(p);
-  a[1] = *reinterpret_cast<const uint32_t*>(p + 8 * ld);
-  a[2] = *reinterpret_cast<const uint32_t*>(p + 8);
-  a[3] = *reinterpret_cast<const uint32_t*>(p + 8 * ld + 8);
-}
-
-template <typename T>
-__device__ inline void load_frag_b(uint32_t (&b)[2], const T* s, int ld, int n0, int k0, int gid, int tig) {
-  const T* p = s + (n0 + gid) * ld + k0 + 2 * tig;
-  b[0] = *reinterpret_cast<const uint32_t*>(p);
-  b[1] = *reinterpret_cast<const uint32_t*>(p + 8);
-}
-
-// A contiguous (rows, cols) factor into a zero-padded [rows16][ld] tile (the
-// padding must be zero: it is the k padding of the MMAs).
-template <typename T>
-__device__ void load_factor(T* dst, const T* src, int rows, int cols, int rows16, int cols16, int ld) {
-  if (cols % 8 == 0 && aligned16(src)) {
-    const int cpr = cols16 / 8;  // 16-byte chunks per padded row
-    for (int i = threadIdx.x; i < rows16 * cpr; i += kThreads) {
-      const int r = i / cpr, c = (i - r * cpr) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r < rows && c < cols) v = __ldg(reinterpret_cast<const uint4*>(src + r * cols + c));
-      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
-    }
-  } else {
-    for (int i = threadIdx.x; i < rows16 * cols16; i += kThreads) {
-      const int r = i / cols16, c = i - r * cols16;
-      dst[r * ld + c] = (r < rows && c < cols) ? src[r * cols + c] : Bits<T>::from_float(0.f);
-    }
-  }
-}
-
-// The CTA's token tile as Xs[(t, a)][b]; tokens past the end and the k
 
 // The tile's tokens as Xs[(t, a)][b], token t read from x at token index
 // tok[t]; tokens t >= nt and the k padding columns b in [nb, nb16) are zero.
@@ -123,8 +81,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* bs = as + plan.as_elems;
   T* zs = bs + plan.bs_elems;
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int gid = lane >> 2, tig = lane & 3;
   const int tt = plan.tt;
   const KronIndexedTile tile = p.tiles[blockIdx.x];
   const int nt = tile.count;  // valid tokens, <= tt
@@ -155,164 +111,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int j = 0; j < p.n_groups; ++j) {
     const KronGroupParams g = p.groups[j];
-    const int ma16 = round_up(g.ma, 16), na16 = round_up(g.na, 16);
-    const int mb16 = round_up(g.mb, 16), nb16 = round_up(g.nb, 16);
-    const int ldx = operand_ld(nb16), ldb = ldx, lda = operand_ld(na16), ldz = lda;
+    const int nb16 = round_up(g.nb, 16);
+    __syncthreads();  // the previous group is done with Xs and Zs
+    load_x_tile_indexed<T>(xs, p, tok, nt, tt, g.na, g.nb, nb16, operand_ld(nb16));
     // The GEMMs span the tile's nt valid tokens, not tt: a segment's last tile
     // (and, in decode batches, most tiles) is partial, and its MMA work
     // shrinks with it.
-    const int n1 = nt * g.na;  // stage-1 N: rows (t, a) of Xs
-    const int n2 = nt * g.mb;  // stage-2 N: rows (t, d) of Zs
-
-    __syncthreads();  // the previous group is done with Xs and Zs
-    load_x_tile_indexed<T>(xs, p, tok, nt, tt, g.na, g.nb, nb16, ldx);
-    // The k padding of stage 2 (columns a in [na, na16) of Zs); stage 1 never
-    // writes there.
-    if (na16 > g.na) {
-      const int pad = na16 - g.na, rows = round_up(n2, 8);
-      for (int i = threadIdx.x; i < rows * pad; i += kThreads) {
-        const int row = i / pad;
-        zs[row * ldz + g.na + (i - row * pad)] = Bits<T>::from_float(0.f);
-      }
-    }
-
-    const int wm_count = stage2_warps_m(ma16);
-    const int wm = warp % wm_count, wn = warp / wm_count;
-    float acc2[kS2TilesM][kS2TilesN][4];
-#pragma unroll
-    for (int i = 0; i < kS2TilesM; ++i)
-#pragma unroll
-      for (int jn = 0; jn < kS2TilesN; ++jn)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc2[i][jn][e] = 0.f;
-
-    const T* Ag = static_cast<const T*>(g.A) + adapter * g.r * g.ma * g.na;
-    const T* Bg = static_cast<const T*>(g.B) + adapter * g.r * g.mb * g.nb;
-    for (int k = 0; k < g.r; ++k) {
-      load_factor<T>(as, Ag + static_cast<int64_t>(k) * g.ma * g.na, g.ma, g.na, ma16, na16, lda);
-      load_factor<T>(bs, Bg + static_cast<int64_t>(k) * g.mb * g.nb, g.mb, g.nb, mb16, nb16, ldb);
-      const float gk = Bits<T>::to_float(gates[g.gate_offset + k]);
-      __syncthreads();
-
-      // Stage 1: Z^T = B X^T, M = mb16 (d), N = n1 (t, a), K = nb16 (b).
-      const int s1_m = (mb16 + 31) / 32, s1_n = (n1 + 31) / 32;
-      for (int wt = warp; wt < s1_m * s1_n; wt += kWarps) {
-        const int bm = (wt % s1_m) * 32, bn = (wt / s1_m) * 32;
-        float acc1[kS1TilesM][kS1TilesN][4];
-#pragma unroll
-        for (int i = 0; i < kS1TilesM; ++i)
-#pragma unroll
-          for (int jn = 0; jn < kS1TilesN; ++jn)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc1[i][jn][e] = 0.f;
-        for (int kk = 0; kk < nb16; kk += 16) {
-          uint32_t af[kS1TilesM][4], bf[kS1TilesN][2];
-#pragma unroll
-          for (int i = 0; i < kS1TilesM; ++i)
-            if (bm + 16 * i < mb16) load_frag_a(af[i], bs, ldb, bm + 16 * i, kk, gid, tig);
-#pragma unroll
-          for (int jn = 0; jn < kS1TilesN; ++jn)
-            if (bn + 8 * jn < n1) load_frag_b(bf[jn], xs, ldx, bn + 8 * jn, kk, gid, tig);
-#pragma unroll
-          for (int i = 0; i < kS1TilesM; ++i)
-#pragma unroll
-            for (int jn = 0; jn < kS1TilesN; ++jn)
-              if (bm + 16 * i < mb16 && bn + 8 * jn < n1) ptx::mma_m16n8k16<T>(acc1[i][jn], af[i], bf[jn]);
-        }
-        // Scatter g * Z^T[d][(t, a)] to Zs[(t*mb + d)][a].
-#pragma unroll
-        for (int jn = 0; jn < kS1TilesN; ++jn) {
-          const int c0 = bn + 8 * jn + 2 * tig;  // this thread's columns c0, c0 + 1
-          if (c0 >= n1) continue;
-          const int ta = c0 / g.na, aa = c0 - ta * g.na;
-          const int off0 = ta * g.mb * ldz + aa;
-          // With na even, c0 (even) and c0 + 1 are one token's a, a + 1.
-          const bool paired = (g.na % 2 == 0);
-          int off1 = 0;
-          const bool valid1 = c0 + 1 < n1;
-          if (!paired && valid1) {
-            const int tb = (c0 + 1) / g.na;
-            off1 = tb * g.mb * ldz + (c0 + 1 - tb * g.na);
-          }
-#pragma unroll
-          for (int i = 0; i < kS1TilesM; ++i) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int d = bm + 16 * i + gid + 8 * h;
-              if (d >= g.mb) continue;
-              const float v0 = gk * acc1[i][jn][2 * h], v1 = gk * acc1[i][jn][2 * h + 1];
-              if (paired) {
-                *reinterpret_cast<uint32_t*>(zs + off0 + d * ldz) = pack2<T>(v0, v1);
-              } else {
-                zs[off0 + d * ldz] = Bits<T>::from_float(v0);
-                if (valid1) zs[off1 + d * ldz] = Bits<T>::from_float(v1);
-              }
-            }
-          }
-        }
-      }
-      __syncthreads();
-
-      // Stage 2: acc += A Z, M = ma16 (c), N = n2 (t, d), K = na16 (a).
-      for (int kk = 0; kk < na16; kk += 16) {
-        uint32_t af[kS2TilesM][4], bf[kS2TilesN][2];
-#pragma unroll
-        for (int i = 0; i < kS2TilesM; ++i)
-          if (wm * 32 + 16 * i < ma16) load_frag_a(af[i], as, lda, wm * 32 + 16 * i, kk, gid, tig);
-#pragma unroll
-        for (int jn = 0; jn < kS2TilesN; ++jn)
-          if (wn * 64 + 8 * jn < n2) load_frag_b(bf[jn], zs, ldz, wn * 64 + 8 * jn, kk, gid, tig);
-#pragma unroll
-        for (int i = 0; i < kS2TilesM; ++i)
-#pragma unroll
-          for (int jn = 0; jn < kS2TilesN; ++jn)
-            if (wm * 32 + 16 * i < ma16 && wn * 64 + 8 * jn < n2)
-              ptx::mma_m16n8k16<T>(acc2[i][jn], af[i], bf[jn]);
-      }
-      __syncthreads();  // As, Bs and Zs are reloaded by the next component
-    }
-
-    // The group's sum into Ys[t][c*mb + d]; every element of Ys is owned by
-    // exactly one thread here, and group 0 covers all of it.
-#pragma unroll
-    for (int jn = 0; jn < kS2TilesN; ++jn) {
-      const int c0 = wn * 64 + 8 * jn + 2 * tig;
-      if (c0 >= n2) continue;
-      const int ta = c0 / g.mb, dd = c0 - ta * g.mb;
-      const int off0 = ta * out + dd;
-      const bool paired = (g.mb % 2 == 0);
-      const bool valid1 = c0 + 1 < n2;
-      int off1 = 0;
-      if (!paired && valid1) {
-        const int tb = (c0 + 1) / g.mb;
-        off1 = tb * out + (c0 + 1 - tb * g.mb);
-      }
-#pragma unroll
-      for (int i = 0; i < kS2TilesM; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int c = wm * 32 + 16 * i + gid + 8 * h;
-          if (c >= g.ma) continue;
-          const float v0 = acc2[i][jn][2 * h], v1 = acc2[i][jn][2 * h + 1];
-          if (paired) {
-            float2* q = reinterpret_cast<float2*>(ys + off0 + c * g.mb);
-            if (j == 0) {
-              *q = make_float2(v0, v1);
-            } else {
-              float2 o = *q;
-              *q = make_float2(o.x + v0, o.y + v1);
-            }
-          } else {
-            float* q0 = ys + off0 + c * g.mb;
-            *q0 = j == 0 ? v0 : *q0 + v0;
-            if (valid1) {
-              float* q1 = ys + off1 + c * g.mb;
-              *q1 = j == 0 ? v1 : *q1 + v1;
-            }
-          }
-        }
-      }
-    }
+    mix_group_two_stage<T>(g, static_cast<const T*>(g.A) + adapter * g.r * g.ma * g.na,
+                           static_cast<const T*>(g.B) + adapter * g.r * g.mb * g.nb, gates, j, nt, out,
+                           xs, as, bs, zs, ys);
   }
 
   __syncthreads();
