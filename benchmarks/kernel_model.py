@@ -1,6 +1,7 @@
 """Roofline model of the fused Kronecker-mixture CUDA kernels on an H200, for
-v1 (csrc/cuda/kron_mix_fused.cu) and v2 (csrc/cuda/kron_mix_fused_v2.cu), which
-stands in for measurements until a GPU run (benchmarks/gpu_check.sh) replaces it.
+v1 (csrc/cuda/kron_mix_fused.cu) and v2 (the forward csrc/cuda/kron_mix_fused_v2.cu,
+the factor gradients csrc/cuda/kron_mix_grad_v2.cu), which stands in for
+measurements until a GPU run (benchmarks/gpu_check.sh) replaces it.
 
 What comes from where, so that the model cannot flatter itself:
 - The launch plans (tokens per tile, tiles, CTAs, ring stages, whether factors
@@ -24,8 +25,9 @@ times the load imbalance of the last wave or of the persistent tile split,
 plus a barrier drain of BARRIER_CLK per barrier on each SM's sequence of tiles
 (divided by the CTAs per SM that hide each other's drains) and LAUNCH_US.
 Traffic: HBM counts each tensor once (x, y, base, dY, factors, outputs, the
-workspace); L2 counts what the SMs move to and from it (x once per group and
-per gradient job, factors once per CTA that loads them, the workspace).
+workspace); L2 counts what the SMs move to and from it (x once per group; for
+the factor gradients x and dY as often as the planner's CTAs load each tile;
+factors once per CTA that loads them; the workspace).
 
     python benchmarks/kernel_model.py            # table
     python benchmarks/kernel_model.py --json     # one object per (kernel, version, shape)
@@ -108,7 +110,12 @@ KERNEL_SYMBOL = {
     ("fwd", "v2"): "kron_mix_fused_fwd_v2_kernel",
     ("grad_factors", "v1"): "kron_mix_grad_factors_kernel",
     ("grad_reduce", "v1"): "kron_mix_grad_reduce_kernel",
+    ("grad_factors", "v2"): "kron_mix_grad_factors_v2_kernel",
+    ("grad_reduce", "v2"): "kron_mix_grad_reduce_v2_kernel",
+    ("grad_gates", "v2"): "kron_mix_grad_gates_v2_kernel",
 }
+# The backward after dX, per version: the factor-gradient kernels in launch order.
+GRAD_KERNELS = {"v1": ("grad_factors", "grad_reduce"), "v2": ("grad_factors", "grad_reduce", "grad_gates")}
 
 
 def built_extension() -> Path | None:
@@ -197,18 +204,18 @@ def traffic(kernel: str, version: str, plan: dict, tokens: int, groups: list) ->
         factor_reads = plan["ctas"] if plan["factor_loads"] == 1 else plan["tiles"]
         l2 = G * tokens * n_in * 2 + tokens * n_out * 2 + factor_reads * F
         return hbm, l2
-    ws_floats = sum(r * (ma * na + mb * nb) for r, ma, na, mb, nb in groups)
+    ws = plan["workspace_bytes"]
     if kernel == "grad_factors":
-        chunks = plan["ctas"] // (2 * r_total)
-        ws = chunks * ws_floats * 4
+        # x and dY from HBM once; through L2 as often as the plan's CTAs load
+        # each tile (v1: once per (component, kind); v2: once per unit block
+        # and group); each chunk's CTAs load their factors once.
         hbm = tokens * (n_in + n_out) * 2 + F + ws
-        # Every (component, kind) job streams x and dY once; each CTA loads its factor.
-        l2 = 2 * r_total * tokens * (n_in + n_out) * 2 + chunks * F + ws
+        l2 = plan["tile_load_bytes"] * plan["tiles"] + plan["chunks"] * F + ws
         return hbm, l2
-    # grad_reduce: the workspace in, A (for dg) in, dA and dB out.
-    chunks = plan["tiles"]
-    ws = chunks * ws_floats * 4
-    return ws + 2 * F, ws + 2 * F
+    if kernel == "grad_reduce":  # the partials in; dA, dB out (v1 also reads A for dg)
+        return ws + 2 * F, ws + 2 * F
+    # grad_gates: the G_A totals and A in.
+    return ws + F, ws + F
 
 
 def model(kernel, version, plan, usage, tokens, groups, shape_name) -> dict:
@@ -227,8 +234,14 @@ def model(kernel, version, plan, usage, tokens, groups, shape_name) -> dict:
     overlapped = plan["stages"] >= 2 or cps >= 2
     body = max(floors.values()) if overlapped else max(t_hbm, t_l2) + max(t_smem, t_tc)
     resident = max(1, min(plan["ctas"], max(cps, 1) * c["sms"]))
-    if kernel == "grad_reduce":
+    if kernel in ("grad_reduce", "grad_gates"):
         imbalance, tiles_per_sm = 1.0, 0
+    elif kernel == "grad_factors" and version == "v2":
+        # Chunks of contiguous tiles, all CTAs resident: the longest chunk sets the time.
+        per_cta = math.ceil(plan["tiles"] / plan["chunks"]) if plan["chunks"] else 0
+        waves = math.ceil(plan["ctas"] / resident)
+        imbalance = waves * per_cta * plan["chunks"] / plan["tiles"] if plan["tiles"] else 1.0
+        tiles_per_sm = waves * per_cta
     elif plan["factor_loads"] == 1 and kernel in ("fwd", "dx"):
         # Persistent: every CTA walks ceil or floor of tiles / ctas tiles.
         per_cta = math.ceil(plan["tiles"] / plan["ctas"]) if plan["ctas"] else 0
@@ -239,7 +252,7 @@ def model(kernel, version, plan, usage, tokens, groups, shape_name) -> dict:
         imbalance = waves * resident / plan["ctas"] if plan["ctas"] else 1.0
         tiles_per_sm = math.ceil(plan["tiles"] * (plan["ctas"] / max(plan["tiles"], 1)) / c["sms"])
         if kernel == "grad_factors":  # each CTA walks its chunk of tiles
-            tiles_per_sm = math.ceil(plan["ctas"] / c["sms"]) * math.ceil(plan["tiles"] / (plan["ctas"] // (2 * sum(g[0] for g in groups))))
+            tiles_per_sm = math.ceil(plan["ctas"] / c["sms"]) * math.ceil(plan["tiles"] / plan["chunks"])
     t_bar = tiles_per_sm * plan["barriers_per_tile"] * BARRIER_CLK / c["clock_hz"] / max(cps, 1)
     est = body * imbalance + t_bar + LAUNCH_US * 1e-6
     bind = max(floors, key=floors.get)
@@ -332,9 +345,9 @@ def run_all() -> tuple[list, list]:
             if ("fwd", version) not in per:
                 continue
             fwd = per[("fwd", version)]["est_us"] * 1e-6
-            # The backward: dX by the forward kernel, then the gradient kernels (v1's; v2 has none of its own).
-            bwd = (per[("dx", version)]["est_us"] + per[("grad_factors", "v1")]["est_us"]
-                   + per[("grad_reduce", "v1")]["est_us"]) * 1e-6
+            # The backward: dX by the forward kernel, then the same version's gradient kernels.
+            bwd = (per[("dx", version)]["est_us"]
+                   + sum(per[(k, version)]["est_us"] for k in GRAD_KERNELS[version])) * 1e-6
             copy = per[("fwd", version)]["copy_us"] * 1e-6
             summary.append({
                 "shape": name, "version": version, "fwd_us": fwd * 1e6, "bwd_us": bwd * 1e6,

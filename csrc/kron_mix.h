@@ -73,6 +73,13 @@ struct KronLaunchPlan {
   // shared-memory bytes moved (fragment loads, tile and staging writes/reads).
   int64_t mma_per_tile;
   int64_t smem_bytes_per_tile;
+  // The factor-gradient kernels: CTAs that split the token tiles among
+  // themselves (grid.x; ctas / chunks CTAs share each tile), the bytes of x
+  // and dY all CTAs load per tile, and the float32 workspace written (factor
+  // kernel) or read (reduce, gate kernels). Zero for the forward kernels.
+  int64_t chunks;
+  int64_t tile_load_bytes;
+  int64_t workspace_bytes;
 };
 
 // Fills *plan for the forward kernel `impl` would launch (kAuto: the one
@@ -159,18 +166,24 @@ struct KronGradParams {
   KronGradGroupParams groups[kFusedMaxGroups];
 };
 
-// nullptr if the fused factor-gradient kernels take `p`, else why not.
-const char* kron_mix_fused_grad_unsupported(const KronGradParams& p);
+// The factor-gradient kernels, as for the forward: kAuto takes v2 (x and dY
+// streamed once per group, the per-token intermediate in registers,
+// ldmatrix; csrc/cuda/kron_mix_grad_v2.cu) when it takes the problem, else v1
+// (one CTA per (component, kind) and chunk of tokens; kron_mix_fused.cu).
+// nullptr if the kernels `impl` take `p`, else why not.
+const char* kron_mix_fused_grad_unsupported(const KronGradParams& p, FusedImpl impl = FusedImpl::kAuto);
 
 // Bytes of device workspace kron_mix_fused_grad_factors needs for `p` on the
 // current device.
-size_t kron_mix_fused_grad_workspace_bytes(const KronGradParams& p);
+size_t kron_mix_fused_grad_workspace_bytes(const KronGradParams& p, FusedImpl impl = FusedImpl::kAuto);
 
-// The factor-gradient kernel's plan (kernel = 0) or the reduce kernel's (1).
-const char* kron_mix_fused_grad_plan(const KronGradParams& p, int kernel, KronLaunchPlan* plan);
+// The plan of the factor-gradient kernel (kernel = 0), of the reduce (1) or
+// of v2's gate-gradient kernel (2).
+const char* kron_mix_fused_grad_plan(const KronGradParams& p, int kernel, FusedImpl impl, KronLaunchPlan* plan);
 
 cudaError_t kron_mix_fused_grad_factors(
-    const KronGradParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+    const KronGradParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+    FusedImpl impl = FusedImpl::kAuto);
 
 // softmax(logits * inv_temperature) over rows of length n (contiguous).
 cudaError_t gate_softmax_forward(

@@ -165,7 +165,7 @@ class Case:
     seed: int = 0  # schedule seed of the simulator
     data_seed: int = 0
     arch: str = "sm_90"
-    impl: str = "auto"  # the forward kernel ("fwd", "dx"): auto (v2, else v1), v1 or v2
+    impl: str = "auto"  # the kernel version ("fwd", "dx", "grad"): auto (v2, else v1), v1 or v2
     row_adapter: Optional[list] = None  # "indexed": each row's adapter in [-1, n_adapters)
     n_adapters: int = 1
     row_tokens: int = 1
@@ -309,7 +309,7 @@ def run(case: Case, dry_run: bool = False, verdict_only: bool = False, binary: O
         harness_op = case.op if case.op in ("grad", "indexed") else "fwd"
         args = [str(binary), harness_op, "--dir", str(tmp), "--dtype", NAMES[dt], "--tokens", str(T),
                 "--offset", str(off), "--seed", str(case.seed), "--arch", case.arch]
-        if case.op in ("fwd", "dx"):
+        if case.op in ("fwd", "dx", "grad"):
             args += ["--impl", case.impl]
         if case.op == "indexed":
             args += ["--groups", _groups_arg(groups), "--rows", str(len(case.row_adapter)),
@@ -496,7 +496,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="schedule seed")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--arch", choices=["sm_90", "sm_80"], default="sm_90")
-    ap.add_argument("--impl", choices=["auto", "v1", "v2"], default="auto", help="forward kernel (fwd, dx)")
+    ap.add_argument("--impl", choices=["auto", "v1", "v2"], default="auto", help="kernel version (fwd, dx, grad)")
     a = ap.parse_args(argv)
     groups = [tuple(int(v) for v in g.split(":")) for g in a.groups.split(",")]
     extra = {}

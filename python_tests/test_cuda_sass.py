@@ -3,10 +3,11 @@
 Reads the `_C` shared object with cuobjdump (shipped in triton's wheel, which
 torch's CUDA wheels pull in) and checks, for every compiled arch, that the
 float16/bfloat16 Kronecker-mixture kernels use tensor-core MMA (HMMA, or
-Hopper's HGMMA), that no kron kernel touches local memory (spills), and that
-the v2 forward loads its fragments with ldmatrix (LDSM) and its tiles with
-cp.async (LDGSTS) within the register budget of the CTAs per SM its planner
-plans for.
+Hopper's HGMMA), that no kron kernel touches local memory (spills), that the
+v2 kernels load their fragments with ldmatrix (LDSM) and their tiles with
+cp.async (LDGSTS) within the register budget of the CTAs per SM their planners
+plan for, and that the v2 factor gradients read shared memory only through
+ldmatrix, its transposed operands through ldmatrix.trans.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ LOW_PRECISION = ("__half", "__nv_bfloat16")
 # The kron kernels that do the matrix products (the gradient reduction, also a
 # kron kernel, only adds).
 MMA_KERNELS = ("kron_mix_fused_fwd_kernel", "kron_mix_fused_fwd_v2_kernel", "kron_mix_grad_factors_kernel",
-               "kron_mix_indexed_fwd_kernel")
+               "kron_mix_grad_factors_v2_kernel", "kron_mix_indexed_fwd_kernel")
 # The v2 kernels: ldmatrix fragments, cp.async tiles, and the CTAs per SM
 # (of 256 threads) their planner launches: one persistent CTA per SM.
-V2_KERNELS = {"kron_mix_fused_fwd_v2_kernel": {"threads": 256, "ctas_per_sm": 1}}
+V2_KERNELS = {"kron_mix_fused_fwd_v2_kernel": {"threads": 256, "ctas_per_sm": 1},
+              "kron_mix_grad_factors_v2_kernel": {"threads": 256, "ctas_per_sm": 1}}
 REGS_PER_SM = 65536
 
 
@@ -160,3 +162,31 @@ def test_v2_kernels_fit_the_planned_ctas_per_sm(resources):
         assert regs <= budget, f"{name} ({arch}) uses {regs} registers, budget {budget}"
         checked += 1
     assert checked == len(V2_KERNELS) * len(LOW_PRECISION) * len(built_archs())
+
+
+def shared_loads(body: str) -> set[str]:
+    """The shared-memory load instructions a kernel executes (nvcc pads code
+    with never-executed `@!PT LDS RZ, [RZ]`, which are left out)."""
+    ops = set()
+    for line in body.splitlines():
+        if re.search(r"@!PT\s+LDS\s+RZ", line):
+            continue
+        m = re.search(r"\b(LDSM\.[\w.]+|LDS(\.[\w]+)*)\b", line)
+        if m:
+            ops.add(m.group(1))
+    return ops
+
+
+def test_v2_gradient_reads_shared_memory_only_through_ldmatrix(sass):
+    # v1 loads its fragments with 32-bit LDS and its transposed operands with
+    # scalar 2-byte loads; v2 takes every fragment by ldmatrix, the k-major
+    # operands (dY^T, A_k, B_k^T, X_t as the second product's B) by .trans.
+    checked = 0
+    for (arch, name), body in sass.items():
+        if "kron_mix_grad_factors_v2_kernel" not in name:
+            continue
+        ops = shared_loads(body)
+        assert any(o.startswith("LDSM.16.MT88") for o in ops), f"{name} ({arch}): no ldmatrix.trans in {ops}"
+        assert all(o.startswith("LDSM") for o in ops), f"{name} ({arch}) has non-ldmatrix shared loads: {ops}"
+        checked += 1
+    assert checked == len(LOW_PRECISION) * len(built_archs())

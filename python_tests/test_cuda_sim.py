@@ -1,7 +1,7 @@
 """The CUDA kernels of csrc/cuda, executed on the CPU under the SIMT simulator.
 
 Every kernel (fused forward v2 and v1 with and without base, dX through the
-transposed factors, the factor-gradient and reduce kernels, gate_softmax
+transposed factors, the factor-gradient kernels v2 and v1, gate_softmax
 forward and backward) runs in float16 and bfloat16 against moka_ext.reference computed in
 float64 from the same rounded inputs, under AddressSanitizer and UBSan, with
 shuffled schedules and NaN-poisoned shared memory (cuda_sim.py, csrc/cuda/sim/).
@@ -150,11 +150,49 @@ def test_fused_forward_v2_walks_several_tiles_per_cta(sim, name):
     assert grid < tokens, res.launches
 
 
+GRAD_KERNELS = {
+    "v2": ["kron_mix_grad_factors_v2_kernel", "kron_mix_grad_reduce_v2_kernel", "kron_mix_grad_gates_v2_kernel"],
+    "v1": ["kron_mix_grad_factors_kernel", "kron_mix_grad_reduce_kernel"],
+}
+
+
+def check_gradients(case: Case, binary) -> cuda_sim.Result:
+    res = check(case, binary)
+    assert [ln.split()[1] for ln in res.launches] == GRAD_KERNELS[case.impl]
+    return res
+
+
+@pytest.mark.parametrize("impl", ["v2", "v1"])
 @pytest.mark.parametrize("name,dtype", list(cases()))
-def test_factor_gradients_and_reduce(sim, name, dtype):
-    res = check(make("grad", name, dtype, data_seed=3), sim)
-    kernels = [ln.split()[1] for ln in res.launches]
-    assert kernels == ["kron_mix_grad_factors_kernel", "kron_mix_grad_reduce_kernel"]
+def test_factor_gradients_and_reduce(sim, name, dtype, impl):
+    check_gradients(make("grad", name, dtype, data_seed=3, impl=impl), sim)
+
+
+# The v2 factor gradients: grid (chunks, unit blocks), chunk c walks a
+# contiguous range of token tiles through the ring. 128 x 8 factors give
+# four units (two replicas each) and a 2-token tile on sm_80 (163 KB), so 400
+# tokens are 200 tiles on 108 SMs: chunks of one and two tiles; the scalar
+# path (offset 1) stages the same. Five 128 x 16 / 16 x 128 components are
+# 20 units: three unit blocks, each streaming the tile for its components.
+GRAD_PERSISTENT = {
+    "replicas_sm80": (400, [(1, 128, 8, 128, 8)], {"arch": "sm_80"}),
+    "unaligned_sm80": (400, [(1, 128, 8, 128, 8)], {"arch": "sm_80", "offset": 1}),
+    "unit_blocks": (33, [(5, 128, 16, 16, 128)], {}),
+    "two_groups_blocks": (29, [(3, 64, 64, 64, 64), (2, 32, 128, 128, 32)], {}),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_PERSISTENT))
+def test_factor_gradients_v2_walk_tiles_and_unit_blocks(sim, name):
+    tokens, groups, extra = GRAD_PERSISTENT[name]
+    case = Case("grad", torch.float16, tokens, groups, data_seed=7, impl="v2", **extra)
+    res = check_gradients(case, sim)
+    grid = res.launches[0].split("grid=(")[1].split(")")[0].split(",")
+    assert int(grid[0]) * int(grid[1]) <= {"sm_80": 108, "sm_90": 132}[case.arch], res.launches
+    if name.endswith("sm80"):
+        assert int(grid[0]) < tokens // 2, res.launches  # chunks of several tiles
+    else:
+        assert int(grid[1]) > 1, res.launches  # several unit blocks
 
 
 def random_case(op: str, seed: int) -> Case:
@@ -192,7 +230,7 @@ def test_forward_without_and_with_base_differ_by_base(sim):
     assert diff.max() <= 2 * torch.finfo(torch.float16).eps * (r1.bounds["y"]).max()
 
 
-@pytest.mark.parametrize("op,impl", [("fwd", "v2"), ("fwd", "v1"), ("grad", "auto")])
+@pytest.mark.parametrize("op,impl", [("fwd", "v2"), ("fwd", "v1"), ("grad", "v2"), ("grad", "v1")])
 @pytest.mark.parametrize("name", ["tail_fwd_tile", "many_components", "groups_5", "misaligned"])
 def test_schedule_seeds_give_bitwise_equal_outputs(sim, op, impl, name):
     raws = []
@@ -396,7 +434,8 @@ def test_verdict_shared_memory_per_arch(sim):
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-@pytest.mark.parametrize("op,impl", [("fwd", "v2"), ("fwd", "v1"), ("fwd", "auto"), ("grad", "auto")])
+@pytest.mark.parametrize("op,impl", [("fwd", "v2"), ("fwd", "v1"), ("fwd", "auto"), ("grad", "v2"), ("grad", "v1"),
+                                     ("grad", "auto")])
 @pytest.mark.parametrize("name", ["groups_8", "4096_64x64_r4", "max_128", "smollm2_576x1536", "hetero_sizes_asc"])
 @pytest.mark.parametrize("tokens", [1, 7, 100_000])
 def test_accepted_shapes_launch(sim, arch, op, impl, name, tokens):
@@ -410,15 +449,24 @@ def test_accepted_shapes_launch(sim, arch, op, impl, name, tokens):
 
 
 def test_gradient_grid_rows_limit(sim):
-    # One grid row per (component, kind): 2 x 32767 = 65534 rows fit grid.y,
-    # 2 x 32768 do not, and the planner must decline (so that the op falls
-    # back to the reshape-matmul path) instead of accepting a failing launch.
-    res = verdict(sim, "grad", [(32767, 1, 2, 1, 2)], tokens=3, dry_run=True)
+    # v1: one grid row per (component, kind): 2 x 32767 = 65534 rows fit
+    # grid.y, 2 x 32768 do not, and the planner must decline (so that the op
+    # falls back to the reshape-matmul path) instead of accepting a failing launch.
+    res = verdict(sim, "grad", [(32767, 1, 2, 1, 2)], tokens=3, dry_run=True, impl="v1")
     assert res.verdict == "ok" and res.result == "cudaSuccess", res.stdout
-    res = verdict(sim, "grad", [(32768, 1, 2, 1, 2)], tokens=3, dry_run=True)
+    res = verdict(sim, "grad", [(32768, 1, 2, 1, 2)], tokens=3, dry_run=True, impl="v1")
     assert "32767" in res.verdict and res.result == "cudaErrorNotSupported", res.stdout
-    res = verdict(sim, "grad", [(16384, 1, 2, 1, 2), (16384, 2, 1, 1, 2)], tokens=3, dry_run=True)
+    res = verdict(sim, "grad", [(16384, 1, 2, 1, 2), (16384, 2, 1, 1, 2)], tokens=3, dry_run=True, impl="v1")
     assert "32767" in res.verdict, res.stdout
+    # v2: grid.y = blocks of 8 units (two per small component): 65535 x 8
+    # units fit, one more does not; auto then takes v1, which declines too.
+    most = 65535 * 8 // 2
+    res = verdict(sim, "grad", [(most, 1, 2, 1, 2)], tokens=3, dry_run=True, impl="v2")
+    assert res.verdict == "ok" and res.result == "cudaSuccess" and ",65535,1)" in res.launches[0], res.stdout
+    res = verdict(sim, "grad", [(most + 1, 1, 2, 1, 2)], tokens=3, dry_run=True, impl="v2")
+    assert "grid" in res.verdict and res.result == "cudaErrorNotSupported", res.stdout
+    res = verdict(sim, "grad", [(32768, 1, 2, 1, 2)], tokens=3, dry_run=True)
+    assert res.verdict == "ok" and res.launches[0].split()[1] == GRAD_KERNELS["v2"][0], res.stdout
 
 
 def test_forward_grid_token_limit(sim):

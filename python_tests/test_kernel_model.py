@@ -43,6 +43,24 @@ def test_mma_count_of_the_planners_is_the_math(sim):
     # two products of a forward stage's size each, over tiles of 8 tokens.
     g = rows[("grad_factors", "v1")]
     assert g["flops"] == g["tiles"] * 8 * 3 * 2 * 2 * (2 * 64**3)
+    # v2 computes the same four products per token and component (W_t and
+    # G_A, U_t and G_B), each of a forward stage's size.
+    g = rows[("grad_factors", "v2")]
+    assert g["flops"] == g["tiles"] * g["tile_tokens"] * 3 * 2 * 2 * (2 * 64**3)
+
+
+def test_v2_gradients_stream_x_and_dy_once_per_group(sim):
+    T, groups = 8192, [(4, 64, 64, 64, 64)]
+    rows = rows_for(sim, T, groups)
+    F = 4 * 2 * 64 * 64 * 2
+    v1, v2 = rows[("grad_factors", "v1")], rows[("grad_factors", "v2")]
+    ws = v2["bytes_global"] - T * (4096 + 4096) * 2 - F  # the partials written
+    assert ws > 0
+    # L2: x and dY once (one unit block holds all 8 units), each CTA's factors, the partials.
+    assert v2["bytes_l2"] == T * (4096 + 4096) * 2 + v2["ctas"] * F + ws
+    # v1 streams them once per (component, kind): 8 times.
+    assert v1["bytes_l2"] > 8 * T * (4096 + 4096) * 2
+    assert v2["barriers_per_tile"] == 1 and v2["stages"] >= 2 and v2["ctas"] == 132
 
 
 def test_odd_shapes_count_the_padding(sim):
@@ -81,5 +99,6 @@ def test_json_has_one_object_per_kernel_version_and_shape():
         for field in ("kernel", "version", "shape", "bytes_global", "bytes_l2", "flops", "ctas_per_sm", "est_us"):
             assert field in o, (field, o)
         assert o["est_us"] > 0
-    assert {("fwd", "v1"), ("fwd", "v2"), ("dx", "v2"), ("grad_factors", "v1"), ("grad_reduce", "v1")} <= {
+    assert {("fwd", "v1"), ("fwd", "v2"), ("dx", "v2"), ("grad_factors", "v1"), ("grad_reduce", "v1"),
+            ("grad_factors", "v2"), ("grad_reduce", "v2"), ("grad_gates", "v2")} <= {
         (o["kernel"], o["version"]) for o in kernels}

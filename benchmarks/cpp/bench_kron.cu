@@ -10,7 +10,7 @@
 //   dense   : y = x dW^T with the materialized dW (out x in)
 // for the forward, and for the backward's input gradient dX = sum g A^T dY B
 // (the same three on the transposed problem; dense: dX = dY dW). Rows "bwd"
-// time the whole fused backward (dX + the factor-gradient kernels) against
+// time the whole fused backward (dX + the factor-gradient kernels, v2 and v1) against
 // the dense backward (dX = dY dW plus dW = dY^T X); the cuBLAS reshape-matmul
 // dA/dB needs permutes and is timed through torch by bench_ops.py instead.
 // Ceilings measured in the same run: device-to-device cudaMemcpy bandwidth and
@@ -237,12 +237,13 @@ std::vector<Shape> shapes_for(int r) {
   return v;
 }
 
-// The whole backward of the original layer `f`: fused dX (already timed as
-// ms_dx) + dA/dB/dg, against dense dX + dW = dY^T X. `prob` holds the
+// The whole backward of the original layer `f` per version (v2: dX by the
+// v2 forward + v2 factor gradients; v1: both v1), against dense dX + dW =
+// dY^T X; ms_dx[0] and ms_dx[1] are the dX times of v2 and v1 (< 0: declined). `prob` holds the
 // transposed factors, whose buffers have the sizes of A and B^T; dy is
 // T x f.out and x is T x f.in (values do not matter for timing).
 void backward_row(cublasHandle_t h, const Shape& f, const Problem& prob, int r, int64_t T, const __nv_bfloat16* dy,
-                  const __nv_bfloat16* x, const char* dx_why, double ms_dx, double ms_dense_dx, const Ceilings& ceil) {
+                  const __nv_bfloat16* x, const double (&ms_dx)[2], double ms_dense_dx, const Ceilings& ceil) {
   moka::cuda::KronGradParams gp{};
   gp.dtype = moka::cuda::DType::kBFloat16;
   gp.tokens = T;
@@ -276,22 +277,25 @@ void backward_row(cublasHandle_t h, const Shape& f, const Problem& prob, int r, 
                     CUDA_R_16BF, f.out, &zero, dW.p, CUDA_R_16BF, f.in, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   });
   const double ms_dense = ms_dense_dx + ms_dense_dw;
-  const char* why = dx_why ? dx_why : moka::cuda::kron_mix_fused_grad_unsupported(gp);
-  if (why != nullptr) {
-    std::printf("%-6s %-32s %2d %6lld %-6s n/a (%s); dense %.4f ms\n", "bwd", f.name.c_str(), r,
-                static_cast<long long>(T), "fused", why, ms_dense);
-  } else {
-    const size_t ws_bytes = moka::cuda::kron_mix_fused_grad_workspace_bytes(gp);
+  using moka::cuda::FusedImpl;
+  for (auto [v, impl, name] : {std::tuple{0, FusedImpl::kV2, "v2"}, std::tuple{1, FusedImpl::kV1, "v1"}}) {
+    const char* why = ms_dx[v] < 0 ? "dX: the forward declines" : moka::cuda::kron_mix_fused_grad_unsupported(gp, impl);
+    if (why != nullptr) {
+      std::printf("%-6s %-32s %2d %6lld %-6s n/a (%s); dense %.4f ms\n", "bwd", f.name.c_str(), r,
+                  static_cast<long long>(T), name, why, ms_dense);
+      continue;
+    }
+    const size_t ws_bytes = moka::cuda::kron_mix_fused_grad_workspace_bytes(gp, impl);
     void* ws = nullptr;
     CK(cudaMalloc(&ws, std::max<size_t>(ws_bytes, 16)));
-    const double ms_grad = time_ms([&] { CK(moka::cuda::kron_mix_fused_grad_factors(gp, ws, ws_bytes, 0)); });
+    const double ms_grad = time_ms([&] { CK(moka::cuda::kron_mix_fused_grad_factors(gp, ws, ws_bytes, 0, impl)); });
     CK(cudaFree(ws));
-    const double ms = ms_dx + ms_grad;
+    const double ms = ms_dx[v] + ms_grad;
     const double bytes = 2.0 * T * (2.0 * f.in + f.out);  // read x and dY, write dX
     const double gbs = bytes / ms / 1e6, tf = (prob.flops(T) + grad_flops) / ms / 1e9;
     std::printf("%-6s %-32s %2d %6lld %-6s %9.4f %8.0f %8.1f %5.0f%% %5.0f%% %9s %9.4f %8s %7.2fx  (dX %.4f + dA/dB/dg %.4f ms)\n",
-                "bwd", f.name.c_str(), r, static_cast<long long>(T), "fused", ms, gbs, tf, 100 * gbs / ceil.copy_gbs,
-                100 * tf / ceil.gemm_tflops, "-", ms_dense, "-", ms_dense / ms, ms_dx, ms_grad);
+                "bwd", f.name.c_str(), r, static_cast<long long>(T), name, ms, gbs, tf, 100 * gbs / ceil.copy_gbs,
+                100 * tf / ceil.gemm_tflops, "-", ms_dense, "-", ms_dense / ms, ms_dx[v], ms_grad);
   }
   for (auto* b : bufs) delete b;
 }
@@ -332,12 +336,9 @@ int main(int argc, char** argv) {
           using moka::cuda::FusedImpl;
           const char* why_v1 = moka::cuda::kron_mix_fused_unsupported(p, FusedImpl::kV1);
           const char* why_v2 = moka::cuda::kron_mix_fused_unsupported(p, FusedImpl::kV2);
-          const char* why = moka::cuda::kron_mix_fused_unsupported(p);
           double ms_v1 = -1, ms_v2 = -1;
           if (why_v1 == nullptr) ms_v1 = time_ms([&] { CK(moka::cuda::kron_mix_fused_forward(p, 0, FusedImpl::kV1)); });
           if (why_v2 == nullptr) ms_v2 = time_ms([&] { CK(moka::cuda::kron_mix_fused_forward(p, 0, FusedImpl::kV2)); });
-          // The default fused forward (v2 where it takes the shape) is what the backward uses for dX.
-          const double ms_fused = why_v2 == nullptr ? ms_v2 : ms_v1;
           const double ms_cublas = time_ms([&] { prob.cublas_forward(h, x.p, y.p, z.p, T); });
           // Dense: y (T x out) = x (T x in) dW^T, dW (out x in).
           const double ms_dense =
@@ -357,7 +358,7 @@ int main(int argc, char** argv) {
                              static_cast<long long>(T), impl, no);
           }
           row("cublas", ms_cublas);
-          if (pass == 1) backward_row(h, fwd_shape, prob, r, T, x.p, y.p, why, ms_fused, ms_dense, ceil);
+          if (pass == 1) backward_row(h, fwd_shape, prob, r, T, x.p, y.p, {ms_v2, ms_v1}, ms_dense, ceil);
         }
       }
     }

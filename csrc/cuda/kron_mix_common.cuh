@@ -223,6 +223,12 @@ namespace detail {
 // dispatches to.
 const char* fused_v1_plan(const KronMixParams& p, KronLaunchPlan* plan);
 cudaError_t fused_v1_forward(const KronMixParams& p, cudaStream_t stream);
+// v1's factor gradients (kron_mix_fused.cu), which the kron_mix_fused_grad_*
+// entry points (kron_mix_grad_v2.cu) dispatch to; kernel 0: the factor
+// kernel, 1: the reduce.
+const char* grad_v1_plan(const KronGradParams& p, int kernel, KronLaunchPlan* plan);
+size_t grad_v1_workspace_bytes(const KronGradParams& p);
+cudaError_t grad_v1_factors(const KronGradParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 }  // namespace detail
 
 }  // namespace cuda

@@ -605,9 +605,9 @@ cudaError_t launch_grad(const KronGradParams& p, const GradPlan& plan, float* ws
 
 }  // namespace
 
-const char* kron_mix_fused_grad_unsupported(const KronGradParams& p) { return make_grad_plan(p, nullptr); }
+namespace detail {
 
-const char* kron_mix_fused_grad_plan(const KronGradParams& p, int kernel, KronLaunchPlan* out) {
+const char* grad_v1_plan(const KronGradParams& p, int kernel, KronLaunchPlan* out) {
   GradPlan plan;
   const char* why = make_grad_plan(p, &plan);
   if (why != nullptr || out == nullptr) return why;
@@ -641,6 +641,9 @@ const char* kron_mix_fused_grad_plan(const KronGradParams& p, int kernel, KronLa
     }
     q.mma_per_tile = c.mma;
     q.smem_bytes_per_tile = c.smem;
+    // Every (component, kind) job loads the tile's x and dY.
+    q.chunks = plan.n_chunks;
+    q.tile_load_bytes = 2 * int64_t(plan.components) * plan.tt * (p.in + p.out) * 2;
   } else {
     q.ctas = 2 * int64_t(plan.components);
     q.tiles = plan.n_chunks;  // the reduce sums one partial per chunk
@@ -648,18 +651,18 @@ const char* kron_mix_fused_grad_plan(const KronGradParams& p, int kernel, KronLa
     q.barriers_per_tile = 0;
     q.smem_bytes = 0;
   }
+  q.workspace_bytes = int64_t(plan.n_chunks) * plan.per_chunk * 4;
   *out = q;
   return nullptr;
 }
 
-size_t kron_mix_fused_grad_workspace_bytes(const KronGradParams& p) {
+size_t grad_v1_workspace_bytes(const KronGradParams& p) {
   GradPlan plan;
   if (make_grad_plan(p, &plan) != nullptr) return 0;
   return size_t(plan.n_chunks) * plan.per_chunk * sizeof(float);
 }
 
-cudaError_t kron_mix_fused_grad_factors(
-    const KronGradParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t grad_v1_factors(const KronGradParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   GradPlan plan;
   if (make_grad_plan(p, &plan) != nullptr) return cudaErrorNotSupported;
   if (workspace_bytes < size_t(plan.n_chunks) * plan.per_chunk * sizeof(float)) return cudaErrorInvalidValue;
@@ -667,6 +670,8 @@ cudaError_t kron_mix_fused_grad_factors(
   return p.dtype == DType::kBFloat16 ? launch_grad<__nv_bfloat16>(p, plan, ws, stream)
                                      : launch_grad<__half>(p, plan, ws, stream);
 }
+
+}  // namespace detail
 
 }  // namespace cuda
 }  // namespace moka

@@ -6,7 +6,8 @@
 //    (each factor dim <= 128, <= 8 groups, shared memory): the forward v2
 //    (kron_mix_fused_v2.cu), or v1 (kron_mix_fused.cu) for shapes whose
 //    factors do not stay resident in shared memory; MOKA_CUDA_IMPL=fused_v1
-//    forces v1, the baseline of benchmarks/cpp and benchmarks/kernel_model.py;
+//    forces v1 (forward and factor gradients), the baseline of benchmarks/cpp
+//    and benchmarks/kernel_model.py;
 //  - otherwise, or with MOKA_CUDA_IMPL=cublas, the reshape-matmul path
 //    (csrc/kron_mix_matmul.cpp, device-generic): two GEMMs per group through
 //    ATen (cuBLAS), the intermediate X B^T round-tripping through memory. float32 and float64 always take it; float32
@@ -18,7 +19,8 @@
 // MOKA_CUDA_IMPL=fused makes an unsupported shape an error instead of a silent
 // fallback (for tests and benchmarks). The fused backward computes dX with the
 // forward kernel applied to (dY, A^T, B^T), and dA, dB, dg with the factor-
-// gradient kernels (per-CTA partials in a workspace, reduced in a fixed order);
+// gradient kernels, v2 (kron_mix_grad_v2.cu) or v1 as for the forward
+// (per-CTA partials in a workspace, reduced in a fixed order);
 // the reshape-matmul backward uses GEMMs and sums. No path uses atomics, so
 // gradients are deterministic on a given device.
 #include "../kron_mix.h"
@@ -263,17 +265,17 @@ KronMixBackward kron_mix_backward_cuda(
           static_cast<int>(g.r), static_cast<int>(g.ma), static_cast<int>(g.na),
           static_cast<int>(g.mb), static_cast<int>(g.nb), static_cast<int>(g.gate_offset)};
     }
-    const char* why = cuda::kron_mix_fused_grad_unsupported(p);
+    const char* why = cuda::kron_mix_fused_grad_unsupported(p, fused_impl());
     TORCH_CHECK(
         why == nullptr || requested_impl() != Impl::kFused,
         "kron_mix_backward: MOKA_CUDA_IMPL=fused, but the factor-gradient kernel declines: ", why);
     if (why == nullptr) {
-      const size_t bytes = cuda::kron_mix_fused_grad_workspace_bytes(p);
+      const size_t bytes = cuda::kron_mix_fused_grad_workspace_bytes(p, fused_impl());
       auto ws = at::empty(
           {static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
           x.options().dtype(at::kFloat));
       check_cuda(
-          cuda::kron_mix_fused_grad_factors(p, ws.data_ptr(), bytes, at::cuda::getCurrentCUDAStream()),
+          cuda::kron_mix_fused_grad_factors(p, ws.data_ptr(), bytes, at::cuda::getCurrentCUDAStream(), fused_impl()),
           "kron_mix fused factor-gradient launch");
       return {gx.view(x.sizes()), gA, gB, gg};
     }

@@ -19,6 +19,7 @@
 //                     int64 entries in [-1, N); A_j, B_j, gates carry N adapters; the harness
 //                     sorts the rows and builds the schedule as the ATen glue does)
 //   moka_sim grad     --dtype f16 --tokens T --groups ... [--x-stride S] [--gy-stride S] [--offset E]
+//                     [--impl auto|v1|v2]
 //   moka_sim softmax_fwd | softmax_bwd --dtype f32 --rows R --n N --inv-temp V
 //   moka_sim limits   --grid x,y,z --block x,y,z --smem N [--opt-in N]   (a trivial kernel)
 //   moka_sim selftest NAME   (a kernel with a known defect; see selftest())
@@ -238,9 +239,11 @@ void print_plan(const char* kernel, const char* impl, const char* why, const mok
   std::printf(
       "{\"kernel\": \"%s\", \"version\": \"%s\", \"tile_tokens\": %d, \"tiles\": %lld, \"ctas\": %lld, "
       "\"threads\": %d, \"stages\": %d, \"factor_loads\": %d, \"barriers_per_tile\": %d, "
-      "\"smem_bytes\": %zu, \"mma_per_tile\": %lld, \"smem_bytes_per_tile\": %lld}\n",
+      "\"smem_bytes\": %zu, \"mma_per_tile\": %lld, \"smem_bytes_per_tile\": %lld, \"chunks\": %lld, "
+      "\"tile_load_bytes\": %lld, \"workspace_bytes\": %lld}\n",
       kernel, impl, q.tile_tokens, (long long)q.tiles, (long long)q.ctas, q.threads, q.stages, q.factor_loads,
-      q.barriers_per_tile, q.smem_bytes, (long long)q.mma_per_tile, (long long)q.smem_bytes_per_tile);
+      q.barriers_per_tile, q.smem_bytes, (long long)q.mma_per_tile, (long long)q.smem_bytes_per_tile,
+      (long long)q.chunks, (long long)q.tile_load_bytes, (long long)q.workspace_bytes);
 }
 
 // The launch plans of the forward (v1 and v2) and of the factor-gradient and
@@ -265,8 +268,11 @@ int run_plan(const Args& a) {
   for (auto [impl, name] : {std::pair{moka::cuda::FusedImpl::kV1, "v1"}, std::pair{moka::cuda::FusedImpl::kV2, "v2"}}) {
     print_plan("fwd", name, moka::cuda::kron_mix_fused_plan(p, impl, &lp), lp);
   }
-  print_plan("grad_factors", "v1", moka::cuda::kron_mix_fused_grad_plan(q, 0, &lp), lp);
-  print_plan("grad_reduce", "v1", moka::cuda::kron_mix_fused_grad_plan(q, 1, &lp), lp);
+  for (auto [impl, name] : {std::pair{moka::cuda::FusedImpl::kV1, "v1"}, std::pair{moka::cuda::FusedImpl::kV2, "v2"}}) {
+    print_plan("grad_factors", name, moka::cuda::kron_mix_fused_grad_plan(q, 0, impl, &lp), lp);
+    print_plan("grad_reduce", name, moka::cuda::kron_mix_fused_grad_plan(q, 1, impl, &lp), lp);
+  }
+  print_plan("grad_gates", "v2", moka::cuda::kron_mix_fused_grad_plan(q, 2, moka::cuda::FusedImpl::kV2, &lp), lp);
   return 0;
 }
 
@@ -387,7 +393,8 @@ int run_grad(const Args& a) {
     p.groups[j] = moka::cuda::KronGradGroupParams{nullptr, nullptr, nullptr, nullptr, g.r, g.ma, g.na, g.mb, g.nb, off};
     off += g.r;
   }
-  const char* why = moka::cuda::kron_mix_fused_grad_unsupported(p);
+  const moka::cuda::FusedImpl impl = impl_of(a.impl);
+  const char* why = moka::cuda::kron_mix_fused_grad_unsupported(p, impl);
   std::printf("verdict: %s\n", why ? why : "ok");
   if (a.verdict_only) return 0;
   Buffers b(a, elem_size(dt));
@@ -405,12 +412,12 @@ int run_grad(const Args& a) {
   }
   p.gates = b.in("gates", b.flat(off));
   p.grad_gates = b.out("dg", b.flat(off));
-  const size_t ws_bytes = moka::cuda::kron_mix_fused_grad_workspace_bytes(p);
+  const size_t ws_bytes = moka::cuda::kron_mix_fused_grad_workspace_bytes(p, impl);
   std::printf("workspace: %zu\n", ws_bytes);
   // The workspace is the kernel's own, 16-byte aligned as cudaMalloc's, and
   // poisoned like the outputs.
   void* ws = a.dry_run ? dry_run_pointer() : new_output(ws_bytes);
-  const cudaError_t err = moka::cuda::kron_mix_fused_grad_factors(p, ws, ws_bytes, nullptr);
+  const cudaError_t err = moka::cuda::kron_mix_fused_grad_factors(p, ws, ws_bytes, nullptr, impl);
   if (err == cudaSuccess) b.write_outputs();
   return finish(err);
 }
