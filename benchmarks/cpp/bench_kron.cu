@@ -278,7 +278,11 @@ void backward_row(cublasHandle_t h, const Shape& f, const Problem& prob, int r, 
   });
   const double ms_dense = ms_dense_dx + ms_dense_dw;
   using moka::cuda::FusedImpl;
-  for (auto [v, impl, name] : {std::tuple{0, FusedImpl::kV2, "v2"}, std::tuple{1, FusedImpl::kV1, "v1"}}) {
+  const std::tuple<int, FusedImpl, const char*> versions[] = {{0, FusedImpl::kV2, "v2"}, {1, FusedImpl::kV1, "v1"}};
+  for (const auto& version : versions) {
+    const int v = std::get<0>(version);
+    const FusedImpl impl = std::get<1>(version);
+    const char* name = std::get<2>(version);
     const char* why = ms_dx[v] < 0 ? "dX: the forward declines" : moka::cuda::kron_mix_fused_grad_unsupported(gp, impl);
     if (why != nullptr) {
       std::printf("%-6s %-32s %2d %6lld %-6s n/a (%s); dense %.4f ms\n", "bwd", f.name.c_str(), r,

@@ -41,7 +41,8 @@
 //   that the k padding of the transposed loads reads zeros, not the next
 //   token), stream through a ring of S stages.
 // - tt: the largest token count <= 16 whose S = 2 stages fit next to the
-//   factors (4 at 64 x 64, r = 4); S = 3 when a third stage also fits.
+//   factors (4 at 64 x 64, r = 4), rounded down to a multiple of the
+//   replicas; S = 3 when a third stage also fits.
 // - Each (chunk, replica) writes its partial G_A / G_B to its own float32
 //   workspace slot; the reduce kernel sums the slots of each element in slot
 //   order over ceil(elements / 256) CTAs, applies the gate and writes dA, dB
@@ -527,6 +528,7 @@ const char* make_grad_plan_v2(const KronGradParams& p, GradPlanV2* plan) {
   if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
   while (tt >= 1 && bytes(tt, 2) > limit) --tt;
   if (tt < 1) return "the factors and two (x, dY) stages of one token do not fit in shared memory";
+  if (tt > q.replicas) tt -= tt % q.replicas;  // every replica of a unit takes as many tokens
   q.tt = tt;
   q.stages = bytes(tt, 3) <= limit ? 3 : 2;
   q.fac_elems = fac;
