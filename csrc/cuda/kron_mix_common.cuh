@@ -65,6 +65,17 @@ struct Bits<__nv_bfloat16> {
   }
 };
 
+// Zeros a warp's register tile of mma accumulators.
+template <int M, int N>
+__device__ inline void zero_acc(float (&acc)[M][N][4]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+}
+
 template <typename T>
 __device__ inline uint32_t pack2(float lo, float hi) {
   return Bits<T>::raw(Bits<T>::from_float(lo)) | (Bits<T>::raw(Bits<T>::from_float(hi)) << 16);
@@ -91,6 +102,21 @@ inline int max_dynamic_smem() {
   cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (dev >= 0 && dev < 64) cache[dev] = v;
   return v;
+}
+
+// Lets `Kernel` use the device's full opt-in shared memory, once per device
+// (not a stream operation, so it is also safe while a CUDA graph is being
+// captured).
+template <auto Kernel>
+inline cudaError_t opt_in_full_smem() {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  static bool configured[64] = {false};
+  if (dev >= 0 && dev < 64 && configured[dev]) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
+  if (err == cudaSuccess && dev >= 0 && dev < 64) configured[dev] = true;
+  return err;
 }
 
 inline int sm_count() {

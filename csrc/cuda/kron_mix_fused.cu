@@ -156,18 +156,8 @@ const char* make_plan(const KronMixParams& p, FusedPlan* plan) {
 
 template <typename T>
 cudaError_t launch(const KronMixParams& p, const FusedPlan& plan, cudaStream_t stream) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  cudaError_t err = opt_in_full_smem<kron_mix_fused_fwd_kernel<T>>();
   if (err != cudaSuccess) return err;
-  // Opt in to the device's full shared memory once per device (not a stream
-  // operation, so it is also safe while a CUDA graph is being captured).
-  static bool configured[64] = {false};
-  if (dev < 0 || dev >= 64 || !configured[dev]) {
-    err = cudaFuncSetAttribute(
-        kron_mix_fused_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) configured[dev] = true;
-  }
   const int64_t blocks = (p.tokens + plan.tt - 1) / plan.tt;
   return launch_kernel(
       "kron_mix_fused_fwd_kernel", kron_mix_fused_fwd_kernel<T>, dim3(static_cast<unsigned>(blocks)),
@@ -582,16 +572,8 @@ const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
 
 template <typename T>
 cudaError_t launch_grad(const KronGradParams& p, const GradPlan& plan, float* ws, cudaStream_t stream) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  cudaError_t err = opt_in_full_smem<kron_mix_grad_factors_kernel<T>>();
   if (err != cudaSuccess) return err;
-  static bool configured[64] = {false};
-  if (dev < 0 || dev >= 64 || !configured[dev]) {
-    err = cudaFuncSetAttribute(
-        kron_mix_grad_factors_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) configured[dev] = true;
-  }
   if (plan.n_chunks > 0) {
     err = launch_kernel(
         "kron_mix_grad_factors_kernel", kron_mix_grad_factors_kernel<T>,

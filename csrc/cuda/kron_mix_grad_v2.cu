@@ -267,12 +267,7 @@ __device__ __forceinline__ void unit_token(float (&acc)[4][8][4], const T* L, in
     for (int qc = 0; qc < q16; qc += 32) {
       const bool q2 = qc + 16 < q16;
       float c1[2][4][4];
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int jn = 0; jn < 4; ++jn)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) c1[i][jn][e] = 0.f;
+      zero_acc(c1);
       // First product: c1[(m, q)] = sum_s L[m][s] F[s][q], 32 rows x 32 q.
       for (int ks = 0; ks < s16; ks += 16) {
         uint32_t a[2][4], f[2][4];
@@ -373,12 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int x_off = stage_offset(p, sp, plan.tt, me.j);
 
   float acc[4][8][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int jn = 0; jn < 8; ++jn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][jn][e] = 0.f;
+  zero_acc(acc);
 
   for (int item = 0; item < n_items; ++item) {
     // Item `item`'s copies have landed for this thread; the barrier makes
@@ -550,16 +540,8 @@ const char* make_grad_plan_v2(const KronGradParams& p, GradPlanV2* plan) {
 
 template <typename T>
 cudaError_t launch_grad_v2(const KronGradParams& p, const GradPlanV2& plan, float* ws, cudaStream_t stream) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  cudaError_t err = opt_in_full_smem<kron_mix_grad_factors_v2_kernel<T>>();
   if (err != cudaSuccess) return err;
-  static bool configured[64] = {false};
-  if (dev < 0 || dev >= 64 || !configured[dev]) {
-    err = cudaFuncSetAttribute(
-        kron_mix_grad_factors_v2_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) configured[dev] = true;
-  }
   if (plan.chunks > 0) {
     err = launch_kernel("kron_mix_grad_factors_v2_kernel", kron_mix_grad_factors_v2_kernel<T>,
                         dim3(plan.chunks, plan.blocks), dim3(kThreads), plan.smem_bytes, stream, p, plan, ws);

@@ -199,16 +199,8 @@ const char* make_indexed_plan(const KronIndexedParams& p, IndexedPlan* plan) {
 
 template <typename T>
 cudaError_t launch_indexed(const KronIndexedParams& p, const IndexedPlan& plan, cudaStream_t stream) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  cudaError_t err = opt_in_full_smem<kron_mix_indexed_fwd_kernel<T>>();
   if (err != cudaSuccess) return err;
-  static bool configured[64] = {false};
-  if (dev < 0 || dev >= 64 || !configured[dev]) {
-    err = cudaFuncSetAttribute(
-        kron_mix_indexed_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) configured[dev] = true;
-  }
   return launch_kernel(
       "kron_mix_indexed_fwd_kernel", kron_mix_indexed_fwd_kernel<T>, dim3(static_cast<unsigned>(p.n_tiles)),
       dim3(kThreads), plan.smem_bytes, stream, p, plan);
