@@ -456,6 +456,28 @@ int v2_barriers_per_tile(const KronMixParams& p, int zbufs) {
   return n;
 }
 
+// The best ring depth and Zs buffer count for tt tokens per tile, into *q;
+// false when none fits. Fewest barriers per tile first (a Zs buffer per
+// component lets every stage 1 of a group run before one barrier), then three
+// ring stages over two, then the least shared memory. Zs buffers tried: the
+// largest r, then 8 .. 2 (with fewer buffers than components, batches of
+// zbufs / 2 components alternate between the two halves).
+bool v2_best_at(const KronMixParams& p, int tt, int r_max, size_t limit, FusedPlanV2* q) {
+  FusedPlanV2 c{};
+  int best = -1;
+  for (int zb = r_max; zb >= (r_max > 1 ? 2 : 1); zb = zb > 8 ? 8 : zb - 1) {
+    for (int S = kMaxStages; S >= 2; --S) {
+      if (v2_smem(p, tt, S, zb, &c) > limit) continue;
+      const int score = v2_barriers_per_tile(p, zb) * 4 + (kMaxStages - S);
+      if (best < 0 || score < best || (score == best && c.smem_bytes < q->smem_bytes)) {
+        best = score;
+        *q = c;
+      }
+    }
+  }
+  return best >= 0;
+}
+
 const char* make_plan_v2(const KronMixParams& p, FusedPlanV2* plan) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return "the fused kernel takes float16/bfloat16 only";
@@ -478,31 +500,27 @@ const char* make_plan_v2(const KronMixParams& p, FusedPlanV2* plan) {
   const size_t limit = static_cast<size_t>(max_dynamic_smem());
   if (size_t(fac_elems) * 2 > limit) return "the factors do not fit in shared memory (v2 keeps them resident)";
   if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
-  // The largest token tile that fits (a smaller one only adds barriers per
-  // token); at it, the fewest barriers per tile (a Zs buffer per component
-  // lets every stage 1 of a group run before one barrier), then three ring
-  // stages over two, then the least shared memory. Zs buffers tried: the
-  // largest r, then 8 .. 2 (with fewer buffers than components, batches of
-  // zbufs / 2 components alternate between the two halves).
-  FusedPlanV2 q{}, best{};
-  int best_score = -1;
-  const int z_min = r_max > 1 ? 2 : 1;
-  for (int t = tt; t >= 1 && best_score < 0; --t) {
-    for (int zb = r_max; zb >= z_min; zb = zb > 8 ? 8 : zb - 1) {
-      for (int S = kMaxStages; S >= 2; --S) {
-        if (v2_smem(p, t, S, zb, &q) > limit) continue;
-        const int score = v2_barriers_per_tile(p, zb) * 4 + (kMaxStages - S);
-        if (best_score < 0 || score < best_score || (score == best_score && q.smem_bytes < best.smem_bytes)) {
-          best_score = score;
-          best = q;
-        }
-      }
+  // The largest token tile that fits: a smaller one only adds barriers per token.
+  FusedPlanV2 q{};
+  while (tt >= 1 && !v2_best_at(p, tt, r_max, limit, &q)) --tt;
+  if (tt < 1) return "the factors, two x stages and the Zs buffers of one token do not fit in shared memory";
+  // When CTAs walk several tiles each, the smallest tile with as many tiles
+  // on the busiest CTA: it pads the fewest tokens there at no extra barriers
+  // (e.g. 8192 tokens in tiles of 31 are 3 tiles on the busiest of 132 CTAs,
+  // 93 tokens, of 21 also 3, 63 tokens). With one tile per CTA the largest
+  // tile stays; a smaller one would add CTAs that each stage all the factors
+  // (whether that pays for small token counts is not modelled).
+  const int64_t sms = sm_count();
+  const int64_t tiles_max = p.tokens == 0 ? 0 : (p.tokens + tt - 1) / tt;
+  if (tiles_max > sms) {
+    const int64_t busiest = (tiles_max + sms - 1) / sms;
+    const int balanced = static_cast<int>((p.tokens + busiest * sms - 1) / (busiest * sms));
+    if (balanced < tt) {
+      tt = balanced;
+      v2_best_at(p, tt, r_max, limit, &q);  // fits: shared memory shrinks with the tile
     }
   }
-  if (best_score < 0) return "the factors, two x stages and the Zs buffers of one token do not fit in shared memory";
-  q = best;
   q.tiles = p.tokens == 0 ? 0 : (p.tokens + q.tt - 1) / q.tt;
-  const int64_t sms = sm_count();
   q.ctas = static_cast<int>(q.tiles < sms ? q.tiles : sms);
   if (q.ctas > 0) {
     const int64_t per = q.tiles / q.ctas;
