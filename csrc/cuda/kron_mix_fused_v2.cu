@@ -23,34 +23,55 @@
 //   per CTA (cp.async, in the first commit group), so factor traffic is
 //   SMs x factor bytes in all instead of tiles x factor bytes.
 // - Work items are (tile, group) pairs. Item i's x tile, laid out for its
-//   group, is loaded into ring stage i % S by cp.async while items i-S+1 ..
-//   i-1 compute; with one group x is read once, with several once per group
-//   (L2 hits after the first). S = 3 when it fits with the full tile, else 2
-//   (the target cell: 2).
+//   group, is loaded into ring stage i % S by cp.async, issued after item
+//   i - S + 1's first stage-1 barrier; with one group x is read once, with
+//   several once per group (L2 hits after the first).
 // - tt: the largest token count whose stage-2 accumulator ma16 x tt*mb fits
 //   the 8 warps' 32 x 64 register tiles (as v1: 4 tokens at 64 x 64), then
-//   shrunk until the factors, S stages and Zs fit the opt-in shared memory.
-//   A larger tile would need a second pass over d or more registers than one
-//   CTA of 256 threads holds at 1 CTA/SM; it would not change the bytes per
-//   token, only the barriers per token.
-// - Zs is double-buffered by component parity, so each component costs one
-//   barrier (Zs written), not two. Barriers per tile: per group 1 (stage
-//   ready, previous item done) + r, and 1 before the coalesced write: 6 at
-//   r = 4 (v1: 14).
+//   shrunk until the factors, a ring of two stages and the Zs buffers fit
+//   the opt-in shared memory. A larger tile would need a second pass over d or more
+//   registers than one CTA of 256 threads holds at 1 CTA/SM; it would not
+//   change the bytes per token, only the barriers per token. When CTAs walk
+//   several tiles, the tile then shrinks to the smallest with the same tile
+//   count on the busiest CTA (fewer padded tokens, no more barriers there).
+// - Stage 1 runs in 32 x 64 warp tiles, the shape of stage 2's: 192 B of
+//   ldmatrix fragments per MMA in both stages (32 x 32: 256 B), which puts
+//   the shared-memory floor under the tensor floor at 64 x 64 factors, r = 2
+//   and 4. Its 64 float accumulators live next to stage 2's 64, within the
+//   255 registers a thread has at 1 CTA/SM, without spills
+//   (python_tests/test_cuda_sass.py).
+// - Barriers. Zs has zbufs buffers, component k in buffer k % zbufs. When
+//   every component of a group has its own (r <= zbufs), stage 1 of all of
+//   them runs before one barrier, then all stage 2s: two barriers per item
+//   (x ready and the previous item done; Zs written). With fewer buffers,
+//   components go in batches of zbufs / 2 whose halves alternate, so a
+//   batch's stage 1 never writes what the previous batch's stage 2 (not yet
+//   behind a barrier) reads: 1 + ceil(r / batch) barriers. The planner takes
+//   the fewest barriers that fit, then three stages over two. At 64 x 64
+//   factors: r = 1 and 2 two barriers per tile (three stages), r = 4 five
+//   (two stages, two buffers; v1: 14).
 // - Output: with one group the accumulators (+ base, in float32) are rounded
-//   once into a 16-bit tile that reuses Zs, then written to y in 16-byte rows;
-//   with several groups, whose output tilings differ, they are summed in a
-//   float32 tile Ys (tt x out) first, as in v1.
+//   once into a 16-bit tile Os in the ring stage of the item's own x, which
+//   every warp has finished reading before the item's last barrier; with
+//   several groups, whose output tilings differ, they are summed in a float32
+//   tile Ys (tt x out) first, as in v1. Neither has a barrier of its own: the
+//   next item's first barrier completes the tile, which is written to y (16-
+//   byte rows) right after it, before that item's first stage-1 barrier, the
+//   earliest point at which the stage is refilled or Ys rewritten. The last
+//   tile of a CTA takes one barrier after the loop.
 // - mma.sync, not wgmma: at r = 4 the tensor-core floor with mma.sync at 60%
-//   of the dense peak is ~73 us against ~45 us for 70% of copy bandwidth
-//   (benchmarks/kernel_model.py). wgmma would lift it, but needs the operands
-//   in the wgmma shared-memory layouts (B X^T with X as a 64-row K-major
-//   operand, and Z produced by one warpgroup and consumed by the next stage),
-//   a warpgroup-wide M of 64 (so stage 1 runs d = 64 rows per warpgroup), and a
+//   of the dense peak is ~73 us against ~45 us for 70% of copy bandwidth,
+//   and at r = 2 ~36 us against ~39 us for 80% (benchmarks/kernel_model.py):
+//   with the launch and the barrier drain on top, r = 2 stays under 80% as
+//   well. wgmma would lift it, but needs the operands in the wgmma
+//   shared-memory layouts (B X^T with X as a 64-row K-major operand, and Z
+//   produced by one warpgroup and consumed by the next stage), a
+//   warpgroup-wide M of 64 (so stage 1 runs d = 64 rows per warpgroup), and a
 //   simulator model of wgmma's descriptors and asynchronous completion, which
 //   csrc/cuda/sim/ does not have; the simulator could not check it.
 // Shapes whose factors do not fit in shared memory next to two x stages and
-// two Zs buffers of one token go to v1.
+// the Zs buffers (one, or two when a group has several components) of one
+// token go to v1.
 #include "../kron_mix.h"
 #include "kron_mix_common.cuh"
 #include "launch.cuh"
