@@ -360,18 +360,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
               for (int e = 0; e < 4; ++e) acc1[i][jn][e] = 0.f;
           for (int kk = 0; kk < nb16; kk += 16) {
-            uint32_t af[kS1M][4], bf[kS1N][2];
+            uint32_t af[kS1M][4];
 #pragma unroll
             for (int i = 0; i < kS1M; ++i)
               if (bm + 16 * i < mb16) ldsm_a(af[i], bs, ldb, bm + 16 * i, kk, lane);
+            // One B fragment at a time (stage 2's accumulators are live here):
+            // the same fragment bytes, without 16 registers of B fragments.
 #pragma unroll
-            for (int jn = 0; jn < kS1N; ++jn)
-              if (bn + 8 * jn < n1) ldsm_b(bf[jn], xs, ldx, bn + 8 * jn, kk, lane);
+            for (int jn = 0; jn < kS1N; ++jn) {
+              if (bn + 8 * jn >= n1) continue;
+              uint32_t bf[2];
+              ldsm_b(bf, xs, ldx, bn + 8 * jn, kk, lane);
 #pragma unroll
-            for (int i = 0; i < kS1M; ++i)
-#pragma unroll
-              for (int jn = 0; jn < kS1N; ++jn)
-                if (bm + 16 * i < mb16 && bn + 8 * jn < n1) ptx::mma_m16n8k16<T>(acc1[i][jn], af[i], bf[jn]);
+              for (int i = 0; i < kS1M; ++i)
+                if (bm + 16 * i < mb16) ptx::mma_m16n8k16<T>(acc1[i][jn], af[i], bf);
+            }
           }
           store_z<T>(zs, ldz, acc1, gk, bm, bn, n1, g.na, g.mb, gid, tig);
         }
@@ -386,19 +389,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         const T* as = fa + k * ma16 * lda;
         const T* zs = zs_base + (k % plan.zbufs) * plan.zs_elems;
         for (int kk = 0; kk < na16; kk += 16) {
-          uint32_t af[kS2TilesM][4], bf[kS2TilesN][2];
+          uint32_t af[kS2TilesM][4];
 #pragma unroll
           for (int i = 0; i < kS2TilesM; ++i)
             if (wm * 32 + 16 * i < ma16) ldsm_a(af[i], as, lda, wm * 32 + 16 * i, kk, lane);
 #pragma unroll
-          for (int jn = 0; jn < kS2TilesN; ++jn)
-            if (wn * 64 + 8 * jn < n2) ldsm_b(bf[jn], zs, ldz, wn * 64 + 8 * jn, kk, lane);
+          for (int jn = 0; jn < kS2TilesN; ++jn) {
+            if (wn * 64 + 8 * jn >= n2) continue;
+            uint32_t bf[2];
+            ldsm_b(bf, zs, ldz, wn * 64 + 8 * jn, kk, lane);
 #pragma unroll
-          for (int i = 0; i < kS2TilesM; ++i)
-#pragma unroll
-            for (int jn = 0; jn < kS2TilesN; ++jn)
-              if (wm * 32 + 16 * i < ma16 && wn * 64 + 8 * jn < n2)
-                ptx::mma_m16n8k16<T>(acc2[i][jn], af[i], bf[jn]);
+            for (int i = 0; i < kS2TilesM; ++i)
+              if (wm * 32 + 16 * i < ma16) ptx::mma_m16n8k16<T>(acc2[i][jn], af[i], bf);
+          }
         }
       }
     }
