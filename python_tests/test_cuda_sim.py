@@ -78,6 +78,9 @@ CASES = {
     "misaligned": (9, [(2, 16, 16, 16, 16)], {"offset": 1, "base": True}),
     "aligned_vector": (9, [(2, 16, 16, 16, 16)], {"base": True}),
     "4096_64x64_r4": (3, [(4, 64, 64, 64, 64)], {}),
+    # v2 on sm_90: four Zs buffers for five components, so stage 1 runs in
+    # batches of 2, 2 and 1 components that alternate between buffer halves.
+    "z_batches_2_2_1": (3, [(5, 64, 96, 64, 96)], {}),
     "max_128": (2, [(1, 128, 128, 128, 128)], {}),
     "smollm2_576x576": (5, _smollm2(576, 576), {}),
     "smollm2_192x576": (5, _smollm2(192, 576), {}),
@@ -86,7 +89,7 @@ CASES = {
 }
 # The tokens x features of the widest cases make the float64 reference and
 # the simulation slow; they run in one dtype each.
-ONE_DTYPE = {"4096_64x64_r4": torch.bfloat16, "max_128": torch.float16,
+ONE_DTYPE = {"4096_64x64_r4": torch.bfloat16, "z_batches_2_2_1": torch.float16, "max_128": torch.float16,
              "smollm2_1536x576": torch.bfloat16, "smollm2_576x1536": torch.float16}
 
 
@@ -133,9 +136,15 @@ def test_dx_through_transposed_factors(sim, name, dtype, impl):
 # blockIdx.x + n * gridDim.x through a 3-stage ring. 128 x 128 outputs give
 # one token per tile, so 269 tokens are 2 or 3 tiles per CTA on 132 SMs (the
 # ring wraps), and 113 tokens on sm_80's 108 SMs give five CTAs two tiles of
-# two groups each (four ring items).
+# two groups each (four ring items). One group's output tile is written into
+# the ring stage of its x and out of it after the next item's first barrier,
+# before that stage is refilled: 344 tokens on 108 SMs give 20 CTAs a fourth
+# tile, whose x goes into the stage of the first tile's output; x rows with a
+# stride not a multiple of 8 are staged by plain stores, which land at once
+# (cp.async copies land at the wait that retires them).
 PERSISTENT = {
     "one_group_base": (269, [(1, 128, 8, 128, 8)], {"base": True}),
+    "ring_refill_sm80": (344, [(1, 128, 8, 128, 8)], {"x_stride": 64 + 3, "arch": "sm_80"}),
     "two_groups_sm80": (113, [(1, 128, 8, 128, 8), (1, 128, 16, 128, 4)], {"base": True, "arch": "sm_80"}),
     "unaligned_sm80": (111, [(1, 128, 3, 128, 5)], {"offset": 1, "arch": "sm_80"}),
 }

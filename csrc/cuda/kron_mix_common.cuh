@@ -19,7 +19,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // Register tile of stage 2 per warp: 2 x 8 mma tiles of 16 x 8 = 32 x 64.
 constexpr int kS2TilesM = 2, kS2TilesN = 8;
-// Stage 1 (transient accumulator) per warp: 2 x 4 tiles = 32 x 32.
+// Stage 1 (transient accumulator) per warp in kron_mix_fused.cu and
+// kron_mix_indexed.cu: 2 x 4 tiles = 32 x 32 (v2 has its own, kron_mix_fused_v2.cu).
 constexpr int kS1TilesM = 2, kS1TilesN = 4;
 // CUDA's grid limits, which every planner checks so that what it accepts launches.
 constexpr int64_t kMaxGridX = 0x7fffffff;
@@ -130,14 +131,14 @@ inline int sm_count() {
   return v;
 }
 
-// Stage 1's accumulators (the kS1TilesM x kS1TilesN mma tiles of the warp
-// tile at (bm, bn) of Z^T[d][(t, a)], n1 = tt * na columns) times the gate,
-// rounded once to 16 bits, into Zs[(t*mb + d)][a] (row stride ldz).
-template <typename T>
-__device__ inline void store_z(T* zs, int ldz, const float (&acc1)[kS1TilesM][kS1TilesN][4], float gk, int bm,
+// Stage 1's accumulators (the TM x TN mma tiles of the warp tile at (bm, bn)
+// of Z^T[d][(t, a)], n1 = tt * na columns) times the gate, rounded once to 16
+// bits, into Zs[(t*mb + d)][a] (row stride ldz).
+template <typename T, int TM, int TN>
+__device__ inline void store_z(T* zs, int ldz, const float (&acc1)[TM][TN][4], float gk, int bm,
                                int bn, int n1, int na, int mb, int gid, int tig) {
 #pragma unroll
-  for (int jn = 0; jn < kS1TilesN; ++jn) {
+  for (int jn = 0; jn < TN; ++jn) {
     const int c0 = bn + 8 * jn + 2 * tig;  // this thread's columns c0, c0 + 1
     if (c0 >= n1) continue;
     const int ta = c0 / na, aa = c0 - ta * na;
@@ -151,7 +152,7 @@ __device__ inline void store_z(T* zs, int ldz, const float (&acc1)[kS1TilesM][kS
       off1 = tb * mb * ldz + (c0 + 1 - tb * na);
     }
 #pragma unroll
-    for (int i = 0; i < kS1TilesM; ++i) {
+    for (int i = 0; i < TM; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int d = bm + 16 * i + gid + 8 * h;
@@ -228,11 +229,13 @@ inline void count_gemm(int m16, int n, int k16, int tm, int tn, int warp_m, int 
 }
 
 // The two stages of the forward for one group and r components over tt
-// tokens: MMAs, fragment loads and the Zs writes.
-inline void count_two_stage(int tt, int r, int ma, int na, int mb, int nb, TileCounts* c) {
+// tokens: MMAs, fragment loads and the Zs writes, with stage 1 in warp tiles
+// of s1_tm x s1_tn mma tiles.
+inline void count_two_stage(int tt, int r, int ma, int na, int mb, int nb, TileCounts* c,
+                            int s1_tm = kS1TilesM, int s1_tn = kS1TilesN) {
   const int ma16 = round_up(ma, 16), na16 = round_up(na, 16), mb16 = round_up(mb, 16), nb16 = round_up(nb, 16);
   TileCounts one;
-  count_gemm(mb16, tt * na, nb16, kS1TilesM, kS1TilesN, 16 * kS1TilesM, 8 * kS1TilesN, &one);
+  count_gemm(mb16, tt * na, nb16, s1_tm, s1_tn, 16 * s1_tm, 8 * s1_tn, &one);
   one.smem += int64_t(mb) * tt * na * 2;  // Zs
   const int n2 = tt * mb;
   // Stage 2: warp (w % wm, w / wm) owns the 32 x 64 tile at (32 (w % wm), 64 (w / wm)); the planners'
