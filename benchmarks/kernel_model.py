@@ -166,8 +166,10 @@ def ctas_per_sm(plan: dict, usage: dict | None) -> tuple[int, str]:
     c = CEILINGS
     threads = plan["threads"]
     warps = threads // 32
-    static = usage["shared"] if usage else 0
-    by_smem = c["smem_per_sm"] // (plan["smem_bytes"] + static + 1024)
+    # The runtime reserves 1 KB of shared memory per CTA; cuobjdump's sm_90
+    # static figure already includes it (1024 for a kernel without __shared__).
+    reserved = max(usage["shared"] if usage else 0, 1024)
+    by_smem = c["smem_per_sm"] // (plan["smem_bytes"] + reserved)
     by_threads = c["threads_per_sm"] // threads
     limits = [by_smem, by_threads, c["ctas_per_sm"]]
     source = "registers and shared memory of the built kernel (cuobjdump)"

@@ -558,16 +558,8 @@ const char* make_plan_v2(const KronMixParams& p, FusedPlanV2* plan) {
 
 template <typename T>
 cudaError_t launch_v2(const KronMixParams& p, const FusedPlanV2& plan, cudaStream_t stream) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  const cudaError_t err = opt_in_full_smem<kron_mix_fused_fwd_v2_kernel<T>>();
   if (err != cudaSuccess) return err;
-  static bool configured[64] = {false};
-  if (dev < 0 || dev >= 64 || !configured[dev]) {
-    err = cudaFuncSetAttribute(
-        kron_mix_fused_fwd_v2_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) configured[dev] = true;
-  }
   return launch_kernel(
       "kron_mix_fused_fwd_v2_kernel", kron_mix_fused_fwd_v2_kernel<T>, dim3(static_cast<unsigned>(plan.ctas)),
       dim3(kThreads), plan.smem_bytes, stream, p, plan);
