@@ -77,6 +77,20 @@ __device__ inline void zero_acc(float (&acc)[M][N][4]) {
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 }
 
+// The sum of every thread's v over the CTA (kThreads threads), in a fixed
+// order (lanes by shuffle, then warps in index order): deterministic.
+// Thread 0 gets the total; every thread must call it.
+__device__ inline float block_sum(float v) {
+  __shared__ float warp_sums[kWarps];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+  return total;
+}
+
 template <typename T>
 __device__ inline uint32_t pack2(float lo, float hi) {
   return Bits<T>::raw(Bits<T>::from_float(lo)) | (Bits<T>::raw(Bits<T>::from_float(hi)) << 16);
@@ -105,9 +119,25 @@ inline int max_dynamic_smem() {
   return v;
 }
 
-// Lets `Kernel` use the device's full opt-in shared memory, once per device
-// (not a stream operation, so it is also safe while a CUDA graph is being
-// captured).
+// The dynamic shared memory `Kernel` may use per CTA on the current device:
+// the opt-in limit less the kernel's static shared memory as the runtime
+// reports it (cached per device). Planners size their plans by it, so that
+// what they accept also passes the opt-in below and the launch.
+template <auto Kernel>
+inline int dynamic_smem_limit() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  static int cache[64] = {0};
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  int v = max_dynamic_smem();
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, Kernel) == cudaSuccess) v -= static_cast<int>(attr.sharedSizeBytes);
+  if (dev >= 0 && dev < 64) cache[dev] = v;
+  return v;
+}
+
+// Lets `Kernel` use all of dynamic_smem_limit, once per device (not a stream
+// operation, so it is also safe while a CUDA graph is being captured).
 template <auto Kernel>
 inline cudaError_t opt_in_full_smem() {
   int dev = 0;
@@ -115,7 +145,7 @@ inline cudaError_t opt_in_full_smem() {
   if (err != cudaSuccess) return err;
   static bool configured[64] = {false};
   if (dev >= 0 && dev < 64 && configured[dev]) return cudaSuccess;
-  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_smem_limit<Kernel>());
   if (err == cudaSuccess && dev >= 0 && dev < 64) configured[dev] = true;
   return err;
 }

@@ -145,7 +145,8 @@ const char* make_plan(const KronMixParams& p, FusedPlan* plan) {
     tt = t < tt ? t : tt;
   }
   if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
-  const size_t limit = static_cast<size_t>(max_dynamic_smem());
+  // Every instantiation has the same static shared memory.
+  const size_t limit = static_cast<size_t>(dynamic_smem_limit<kron_mix_fused_fwd_kernel<__nv_bfloat16>>());
   for (; tt >= 1; --tt) {
     if (smem_bytes(p, tt, plan) <= limit) break;
   }
@@ -364,12 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wm_count = stage2_warps_m(p16);
   const int wm = warp % wm_count, wn = warp / wm_count;
   float acc2[kS2TilesM][kS2TilesN][4];
-#pragma unroll
-  for (int i = 0; i < kS2TilesM; ++i)
-#pragma unroll
-    for (int jn = 0; jn < kS2TilesN; ++jn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc2[i][jn][e] = 0.f;
+zero_acc(acc2);
 
   const int tile_begin = static_cast<int>(int64_t(blockIdx.x) * plan.tiles / plan.n_chunks);
   const int tile_end = static_cast<int>(int64_t(blockIdx.x + 1) * plan.tiles / plan.n_chunks);
@@ -392,12 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int wt = warp; wt < g1_m * g1_n; wt += kWarps) {
       const int bm = (wt % g1_m) * 32, bn = (wt / g1_m) * 32;
       float acc1[kS1TilesM][kS1TilesN][4];
-#pragma unroll
-      for (int i = 0; i < kS1TilesM; ++i)
-#pragma unroll
-        for (int jn = 0; jn < kS1TilesN; ++jn)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc1[i][jn][e] = 0.f;
+zero_acc(acc1);
       for (int kk = 0; kk < q16; kk += 16) {
         uint32_t af[kS1TilesM][4], bf[kS1TilesN][2];
 #pragma unroll
@@ -478,7 +469,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     kron_mix_grad_reduce_kernel(const KronGradParams p, const GradPlan plan, const float* __restrict__ ws) {
-  __shared__ float warp_sums[kWarps];
   const int kind = blockIdx.y;
   int j, k, off;
   locate(p, blockIdx.x, &j, &k, &off);
@@ -507,14 +497,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     return;  // whole block: kind is uniform
   }
-  for (int o = 16; o > 0; o >>= 1) dg += __shfl_xor_sync(0xffffffffu, dg, o);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = dg;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
-    static_cast<T*>(p.grad_gates)[g.gate_offset + k] = Bits<T>::from_float(total);
-  }
+  const float total = block_sum(dg);
+  if (threadIdx.x == 0) static_cast<T*>(p.grad_gates)[g.gate_offset + k] = Bits<T>::from_float(total);
 }
 
 const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
@@ -535,7 +519,8 @@ const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
     q.components += g.r;
     q.per_chunk += g.r * (g.ma * g.na + g.mb * g.nb);
   }
-  const size_t limit = static_cast<size_t>(max_dynamic_smem());
+  // Every instantiation has the same static shared memory.
+  const size_t limit = static_cast<size_t>(dynamic_smem_limit<kron_mix_grad_factors_kernel<__nv_bfloat16>>());
   // Larger tiles mean fewer barriers per token; 8 tokens already give GEMM 2
   // a depth of 8*s.
   int tt = 8;

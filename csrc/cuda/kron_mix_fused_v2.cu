@@ -330,12 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int wm_count = stage2_warps_m(ma16);
     const int wm = warp % wm_count, wn = warp / wm_count;
     float acc2[kS2TilesM][kS2TilesN][4];
-#pragma unroll
-    for (int i = 0; i < kS2TilesM; ++i)
-#pragma unroll
-      for (int jn = 0; jn < kS2TilesN; ++jn)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc2[i][jn][e] = 0.f;
+zero_acc(acc2);
 
     const T* fa = fac + factor_offset(p, j);
     const T* fb = fa + g.r * ma16 * lda;
@@ -353,12 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int wt = warp; wt < s1_m * s1_n; wt += kWarps) {
           const int bm = (wt % s1_m) * 16 * kS1M, bn = (wt / s1_m) * 8 * kS1N;
           float acc1[kS1M][kS1N][4];
-#pragma unroll
-          for (int i = 0; i < kS1M; ++i)
-#pragma unroll
-            for (int jn = 0; jn < kS1N; ++jn)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) acc1[i][jn][e] = 0.f;
+zero_acc(acc1);
           for (int kk = 0; kk < nb16; kk += 16) {
             uint32_t af[kS1M][4];
 #pragma unroll
@@ -521,7 +511,8 @@ const char* make_plan_v2(const KronMixParams& p, FusedPlanV2* plan) {
     fac_elems += int64_t(g.r) * (round_up(g.ma, 16) * operand_ld(round_up(g.na, 16)) +
                                  round_up(g.mb, 16) * operand_ld(round_up(g.nb, 16)));
   }
-  const size_t limit = static_cast<size_t>(max_dynamic_smem());
+  // Every instantiation has the same static shared memory.
+  const size_t limit = static_cast<size_t>(dynamic_smem_limit<kron_mix_fused_fwd_v2_kernel<__nv_bfloat16>>());
   if (size_t(fac_elems) * 2 > limit) return "the factors do not fit in shared memory (v2 keeps them resident)";
   if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);
   // The largest token tile that fits: a smaller one only adds barriers per token.

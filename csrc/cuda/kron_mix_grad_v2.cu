@@ -455,7 +455,6 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     kron_mix_grad_gates_v2_kernel(const KronGradParams p, const GradPlanV2 plan, const float* __restrict__ ws) {
-  __shared__ float warp_sums[kWarps];
   int comp = blockIdx.x, off = 0, j = 0;
   for (; j < p.n_groups; ++j) {
     const KronGradGroupParams& gg = p.groups[j];
@@ -470,14 +469,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* A = static_cast<const T*>(g.A) + int64_t(comp) * n;
   float dg = 0.f;
   for (int e = threadIdx.x; e < n; e += kThreads) dg += Bits<T>::to_float(A[e]) * tot[e];
-  for (int o = 16; o > 0; o >>= 1) dg += __shfl_xor_sync(0xffffffffu, dg, o);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = dg;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
-    static_cast<T*>(p.grad_gates)[g.gate_offset + comp] = Bits<T>::from_float(total);
-  }
+  const float total = block_sum(dg);
+  if (threadIdx.x == 0) static_cast<T*>(p.grad_gates)[g.gate_offset + comp] = Bits<T>::from_float(total);
 }
 
 const char* make_grad_plan_v2(const KronGradParams& p, GradPlanV2* plan) {
@@ -512,7 +505,8 @@ const char* make_grad_plan_v2(const KronGradParams& p, GradPlanV2* plan) {
     fac = f > fac ? f : fac;
     per_token = s > per_token ? s : per_token;
   }
-  const size_t limit = static_cast<size_t>(max_dynamic_smem());
+  // Every instantiation has the same static shared memory.
+  const size_t limit = static_cast<size_t>(dynamic_smem_limit<kron_mix_grad_factors_v2_kernel<__nv_bfloat16>>());
   auto bytes = [&](int tt, int S) { return (size_t(fac) + size_t(S) * tt * per_token) * 2; };
   int tt = 16;
   if (p.tokens > 0 && p.tokens < tt) tt = static_cast<int>(p.tokens);

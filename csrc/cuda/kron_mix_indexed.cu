@@ -186,7 +186,8 @@ const char* make_indexed_plan(const KronIndexedParams& p, IndexedPlan* plan) {
   KronLaunchPlan v1{};
   if (const char* why = detail::fused_v1_plan(fused_equivalent(p, tokens), &v1)) return why;
   // v1's tile, less what the tile's token indices take of shared memory.
-  const size_t limit = static_cast<size_t>(max_dynamic_smem());
+  // Every instantiation has the same static shared memory.
+  const size_t limit = static_cast<size_t>(dynamic_smem_limit<kron_mix_indexed_fwd_kernel<__nv_bfloat16>>());
   int tt = v1.tile_tokens;
   for (; tt >= 1; --tt) {
     if (indexed_smem_bytes(p, tt, plan) <= limit) break;

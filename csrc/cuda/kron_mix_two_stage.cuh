@@ -89,12 +89,7 @@ __device__ __forceinline__ void mix_group_two_stage(
   const int wm_count = stage2_warps_m(ma16);
   const int wm = warp % wm_count, wn = warp / wm_count;
   float acc2[kS2TilesM][kS2TilesN][4];
-#pragma unroll
-  for (int i = 0; i < kS2TilesM; ++i)
-#pragma unroll
-    for (int jn = 0; jn < kS2TilesN; ++jn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc2[i][jn][e] = 0.f;
+zero_acc(acc2);
 
   for (int k = 0; k < g.r; ++k) {
     load_factor<T>(as, Ag + static_cast<int64_t>(k) * g.ma * g.na, g.ma, g.na, ma16, na16, lda);
@@ -107,12 +102,7 @@ __device__ __forceinline__ void mix_group_two_stage(
     for (int wt = warp; wt < s1_m * s1_n; wt += kWarps) {
       const int bm = (wt % s1_m) * 32, bn = (wt / s1_m) * 32;
       float acc1[kS1TilesM][kS1TilesN][4];
-#pragma unroll
-      for (int i = 0; i < kS1TilesM; ++i)
-#pragma unroll
-        for (int jn = 0; jn < kS1TilesN; ++jn)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc1[i][jn][e] = 0.f;
+zero_acc(acc1);
       for (int kk = 0; kk < nb16; kk += 16) {
         uint32_t af[kS1TilesM][4], bf[kS1TilesN][2];
 #pragma unroll

@@ -231,6 +231,20 @@ cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t e);
 const char* cudaGetErrorName(cudaError_t e);
 
+// The fields of the runtime's cudaFuncAttributes the kernels read.
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+};
+
+// Static __shared__ variables live outside the simulated shared memory
+// (above), so a kernel's static size is 0 here: its whole opt-in limit is
+// dynamic, as for a kernel without __shared__ variables on the device.
+template <typename... Args>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*)(Args...)) {
+  *attr = cudaFuncAttributes{0};
+  return cudaSuccess;
+}
+
 template <typename... Args>
 cudaError_t cudaFuncSetAttribute(void (*func)(Args...), cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
