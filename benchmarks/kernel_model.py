@@ -192,6 +192,15 @@ def useful_flops(tokens, groups) -> int:
     return sum(tokens * r * 2 * (mb * nb * na + ma * na * mb) for r, ma, na, mb, nb in groups)
 
 
+def factor_reads(kernel: str, plan: dict) -> int:
+    """How many times a launch reads all the factors: the forward once per CTA
+    (resident) or per tile; the factor gradients once per chunk of tiles (its
+    CTAs split the factors among them)."""
+    if kernel == "grad_factors":
+        return plan["chunks"]
+    return plan["ctas"] if plan["factor_loads"] == 1 else plan["tiles"]
+
+
 def traffic(kernel: str, version: str, plan: dict, tokens: int, groups: list) -> tuple[int, int]:
     """(HBM bytes, L2 bytes) of one launch."""
     r_total = sum(g[0] for g in groups)
@@ -203,8 +212,7 @@ def traffic(kernel: str, version: str, plan: dict, tokens: int, groups: list) ->
         n_in, n_out = n_out, n_in
     if kernel in ("fwd", "dx"):
         hbm = tokens * (n_in + n_out) * 2 + F
-        factor_reads = plan["ctas"] if plan["factor_loads"] == 1 else plan["tiles"]
-        l2 = G * tokens * n_in * 2 + tokens * n_out * 2 + factor_reads * F
+        l2 = G * tokens * n_in * 2 + tokens * n_out * 2 + factor_reads(kernel, plan) * F
         return hbm, l2
     ws = plan["workspace_bytes"]
     if kernel == "grad_factors":
@@ -212,7 +220,7 @@ def traffic(kernel: str, version: str, plan: dict, tokens: int, groups: list) ->
         # each tile (v1: once per (component, kind); v2: once per unit block
         # and group); each chunk's CTAs load their factors once.
         hbm = tokens * (n_in + n_out) * 2 + F + ws
-        l2 = plan["tile_load_bytes"] * plan["tiles"] + plan["chunks"] * F + ws
+        l2 = plan["tile_load_bytes"] * plan["tiles"] + factor_reads(kernel, plan) * F + ws
         return hbm, l2
     if kernel == "grad_reduce":  # the partials in; dA, dB out (v1 also reads A for dg)
         return ws + 2 * F, ws + 2 * F
@@ -269,8 +277,8 @@ def model(kernel, version, plan, usage, tokens, groups, shape_name) -> dict:
         "regs": usage["reg"] if usage else None, "local_bytes": usage["local"] if usage else None,
         "ctas_per_sm": cps, "ctas_per_sm_source": cps_source,
         "bytes_global": hbm, "bytes_global_per_token": hbm / tokens,
-        "bytes_l2": l2, "factor_bytes_read": (plan["ctas"] if plan["factor_loads"] == 1 else plan["tiles"]) * factor_bytes(groups)
-        if kernel in ("fwd", "dx") else None,
+        "bytes_l2": l2, "factor_bytes_read": factor_reads(kernel, plan) * factor_bytes(groups)
+        if kernel in ("fwd", "dx", "grad_factors") else None,
         "flops": flops, "useful_flops": useful_flops(tokens, groups) if kernel in ("fwd", "dx") else None,
         "smem_bytes_moved": smem,
         "smem_bytes_per_mma": smem / (plan["mma_per_tile"] * plan["tiles"]) if plan["mma_per_tile"] else None,
