@@ -27,8 +27,8 @@
 //   re-packed as the A fragments of the second product (the m16n8 C layout of
 //   two adjacent n-tiles is the m16k16 A layout), so W_t and U_t never touch
 //   shared memory and a tile needs one barrier (its ring stage is ready).
-//   Rows are taken two 16-row blocks at a time, so each F fragment serves two
-//   MMAs and each R fragment four.
+//   Rows are taken two 16-row blocks at a time, so each ldmatrix.x4 of F or
+//   R (two n-tiles) feeds four MMAs.
 // - A CTA (8 warps) takes a block of up to 8 units, all kinds and components
 //   of its groups that fit: at 64 x 64 factors and r <= 4 one block holds a
 //   whole group, so x and dY are read once per group, not once per (component,
@@ -48,6 +48,9 @@
 //   order over ceil(elements / 256) CTAs, applies the gate and writes dA, dB
 //   and the float32 G_A totals; the gate kernel then forms dg_k = <A_k, G_A>
 //   with one CTA per component in a fixed order. No atomics: deterministic.
+// - mma.sync, not wgmma, for the reasons of the forward (kron_mix_fused_v2.cu):
+//   at r = 4 the tensor floor (four products per token and component at 60%
+//   of the dense peak) binds; wgmma would need a simulator model first.
 #include "../kron_mix.h"
 #include "kron_mix_common.cuh"
 #include "kron_mix_two_stage.cuh"
