@@ -129,6 +129,14 @@ __host__ __device__ inline Unit unit_at(const KronGradParams& p, int u) {
   return o;
 }
 
+// Floats of a partial before component k of group j: per component, G_A
+// (ma x na) then G_B (mb x nb), components in order.
+__host__ __device__ inline int partial_offset(const KronGradParams& p, int j, int k) {
+  int off = 0;
+  for (int i = 0; i < j; ++i) off += p.groups[i].r * (p.groups[i].ma * p.groups[i].na + p.groups[i].mb * p.groups[i].nb);
+  return off + k * (p.groups[j].ma * p.groups[j].na + p.groups[j].mb * p.groups[j].nb);
+}
+
 // Padded sizes of one component's factors in shared memory: A_k as
 // [ma16][na16 + 8] and B_k^T as [nb16][mb16 + 8].
 __host__ __device__ inline int factor_elems(const KronGradGroupParams& g) {
@@ -397,9 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // This (chunk, replica)'s partial: G_A [c][a] (kind 0, acc holds its
   // transpose) or G_B [d][b] (kind 1), at the component's offset.
-  int off = 0;
-  for (int jj = 0; jj < me.j; ++jj) off += p.groups[jj].r * (p.groups[jj].ma * p.groups[jj].na + p.groups[jj].mb * p.groups[jj].nb);
-  off += me.k * (g.ma * g.na + g.mb * g.nb) + (me.kind == 1 ? g.ma * g.na : 0);
+  const int off = partial_offset(p, me.j, me.k) + (me.kind == 1 ? g.ma * g.na : 0);
   float* slot = ws + (int64_t(blockIdx.x) * R + replica) * plan.elems + off;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -458,17 +464,11 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     kron_mix_grad_gates_v2_kernel(const KronGradParams p, const GradPlanV2 plan, const float* __restrict__ ws) {
-  int comp = blockIdx.x, off = 0, j = 0;
-  for (; j < p.n_groups; ++j) {
-    const KronGradGroupParams& gg = p.groups[j];
-    if (comp < gg.r) break;
-    comp -= gg.r;
-    off += gg.r * (gg.ma * gg.na + gg.mb * gg.nb);
-  }
+  int comp = blockIdx.x, j = 0;
+  for (; j < p.n_groups && comp >= p.groups[j].r; ++j) comp -= p.groups[j].r;
   const KronGradGroupParams& g = p.groups[j];
   const int n = g.ma * g.na;
-  off += comp * (n + g.mb * g.nb);
-  const float* tot = ws + int64_t(plan.chunks) * plan.replicas * plan.elems + off;
+  const float* tot = ws + int64_t(plan.chunks) * plan.replicas * plan.elems + partial_offset(p, j, comp);
   const T* A = static_cast<const T*>(g.A) + int64_t(comp) * n;
   float dg = 0.f;
   for (int e = threadIdx.x; e < n; e += kThreads) dg += Bits<T>::to_float(A[e]) * tot[e];
