@@ -236,6 +236,24 @@ __device__ inline void store_y_from_ys(const KronMixParams& p, const float* ys, 
   }
 }
 
+// Why the fused kernels cannot take a problem's dtype, group count, token
+// count or factor dims, or nullptr: the limits every planner shares (P: the
+// forward's or the gradient's params; each group has r, ma, na, mb, nb).
+template <typename P>
+inline const char* fused_problem_unsupported(const P& p) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return "the fused kernel takes float16/bfloat16 only";
+  if (p.n_groups < 1 || p.n_groups > kFusedMaxGroups) return "more groups than the fused kernel takes (8)";
+  if (p.tokens < 0) return "negative token count";
+  for (int j = 0; j < p.n_groups; ++j) {
+    const auto& g = p.groups[j];
+    if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
+    if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
+        g.nb > kFusedMaxFactorDim)
+      return "a factor dimension exceeds the fused kernel's limit (128)";
+  }
+  return nullptr;
+}
+
 // Fragment bytes one warp loads for an A (16 x 16) and a B (16 x 8) operand.
 constexpr int kFragABytes = 16 * 16 * 2, kFragBBytes = 16 * 8 * 2;
 

@@ -129,17 +129,10 @@ size_t smem_bytes(const KronMixParams& p, int tt, FusedPlan* plan) {
 
 // Fills *plan (if non-null) and returns nullptr, or returns why not.
 const char* make_plan(const KronMixParams& p, FusedPlan* plan) {
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    return "the fused kernel takes float16/bfloat16 only";
-  if (p.n_groups < 1 || p.n_groups > kFusedMaxGroups) return "more groups than the fused kernel takes (8)";
-  if (p.tokens < 0) return "negative token count";
+  if (const char* why = fused_problem_unsupported(p)) return why;
   int tt = 1 << 30;
   for (int j = 0; j < p.n_groups; ++j) {
     const KronGroupParams& g = p.groups[j];
-    if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
-    if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
-        g.nb > kFusedMaxFactorDim)
-      return "a factor dimension exceeds the fused kernel's limit (128)";
     // Stage 2 keeps ma16 x tt*mb in registers: warps_n * 64 columns.
     const int t = stage2_token_cap(g.ma, g.mb);
     tt = t < tt ? t : tt;
@@ -502,17 +495,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 const char* make_grad_plan(const KronGradParams& p, GradPlan* plan) {
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    return "the fused kernel takes float16/bfloat16 only";
-  if (p.n_groups < 1 || p.n_groups > kFusedMaxGroups) return "more groups than the fused kernel takes (8)";
-  if (p.tokens < 0) return "negative token count";
+  if (const char* why = fused_problem_unsupported(p)) return why;
   GradPlan q{};
   for (int j = 0; j < p.n_groups; ++j) {
     const KronGradGroupParams& g = p.groups[j];
-    if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
-    if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
-        g.nb > kFusedMaxFactorDim)
-      return "a factor dimension exceeds the fused kernel's limit (128)";
     // One grid row per (component, kind) job: grid.y.
     if (2 * (int64_t(q.components) + g.r) > kMaxGridYZ)
       return "more components than the factor-gradient grid takes (32767)";

@@ -493,18 +493,11 @@ bool v2_best_at(const KronMixParams& p, int tt, int r_max, size_t limit, FusedPl
 }
 
 const char* make_plan_v2(const KronMixParams& p, FusedPlanV2* plan) {
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    return "the fused kernel takes float16/bfloat16 only";
-  if (p.n_groups < 1 || p.n_groups > kFusedMaxGroups) return "more groups than the fused kernel takes (8)";
-  if (p.tokens < 0) return "negative token count";
+  if (const char* why = fused_problem_unsupported(p)) return why;
   int tt = 1 << 30, r_max = 0;
   int64_t fac_elems = 0;
   for (int j = 0; j < p.n_groups; ++j) {
     const KronGroupParams g = p.groups[j];
-    if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
-    if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
-        g.nb > kFusedMaxFactorDim)
-      return "a factor dimension exceeds the fused kernel's limit (128)";
     const int t = stage2_token_cap(g.ma, g.mb);
     tt = t < tt ? t : tt;
     r_max = g.r > r_max ? g.r : r_max;

@@ -477,17 +477,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 const char* make_grad_plan_v2(const KronGradParams& p, GradPlanV2* plan) {
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    return "the fused kernel takes float16/bfloat16 only";
-  if (p.n_groups < 1 || p.n_groups > kFusedMaxGroups) return "more groups than the fused kernel takes (8)";
-  if (p.tokens < 0) return "negative token count";
+  if (const char* why = fused_problem_unsupported(p)) return why;
   int64_t elems = 0, units = 0, comps = 0;
   for (int j = 0; j < p.n_groups; ++j) {
     const KronGradGroupParams& g = p.groups[j];
-    if (g.r < 1 || g.ma < 1 || g.na < 1 || g.mb < 1 || g.nb < 1) return "empty factor";
-    if (g.ma > kFusedMaxFactorDim || g.na > kFusedMaxFactorDim || g.mb > kFusedMaxFactorDim ||
-        g.nb > kFusedMaxFactorDim)
-      return "a factor dimension exceeds the fused kernel's limit (128)";
     elems += int64_t(g.r) * (g.ma * g.na + g.mb * g.nb);
     units += int64_t(g.r) * units_per_component(g);
     comps += g.r;
