@@ -482,7 +482,7 @@ def report(record: Path, args) -> str:
                   "|---|---|---|---|---|---|---|", *rows, ""]
     parts += ["Verdict (acc; a difference counts when it exceeds 2 standard errors):", ""]
     parts += [f"- {verdict(compare(found, a, b), a, b, what)}" for a, b, what in COMPARISONS
-              if a in found or b in found]
+              if a in found or b in found] or ["- no compared method has a scored run yet."]
     text = "\n".join(parts) + "\n"
     write_text_atomic(record / "quality.md", text)
     plot_accuracy(points, Path(args.plot) if args.plot else record / "accuracy_vs_params.png")
@@ -497,6 +497,8 @@ def plot_accuracy(points, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    if all(m == "base" for m, *_ in points):
+        return  # nothing trained yet: no parameter axis
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     base = next((acc for m, _, acc, _ in points if m == "base"), None)
     markers = "osD^vP*Xh"
@@ -529,11 +531,12 @@ def plot_losses(found: dict, path: Path, window: int = 20) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves_of = {m: [r["losses"] for r in runs if r.get("losses")] for m, runs in found.items()}
+    curves_of = {m: curves for m, curves in curves_of.items() if curves}
+    if not curves_of:
+        return  # nothing trained yet
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m, runs in found.items():
-        curves = [r["losses"] for r in runs if r.get("losses")]
-        if not curves:
-            continue
+    for m, curves in curves_of.items():
         n = min(len(c) for c in curves)
         mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
         smooth = [statistics.mean(mean[max(0, i - window + 1) : i + 1]) for i in range(n)]

@@ -132,3 +132,38 @@ def test_a_stage_resumes_from_its_record_and_rescores_a_lost_training(tmp_path, 
 
     with pytest.raises(SystemExit, match="--record"):
         quality.stage(dirs, rel, "moka", 0, 1e-3, 10, "validation", 0, args)
+
+
+def test_the_report_from_a_record_with_and_without_trained_runs(tmp_path, monkeypatch):
+    """The report of a record holding only the base model (no parameter axis to plot), then with
+    a trained run: tables, verdict and both plots."""
+    n = 20
+    monkeypatch.setattr(quality, "questions_of", lambda task, split, limit: [None] * n)
+    rng = np.random.default_rng(3)
+    record = tmp_path / "record"
+
+    def put(name, seed, params, p):
+        run = record / quality.run_rel(name, seed)
+        run.mkdir(parents=True)
+        scores = fake_scores(rng, p, n=n)
+        for t in quality.TASKS:
+            scores[t]["split"] = "validation"
+        meta = {"method": name, "seed": seed, "study": {"lr": 0.0 if params == 0 else 3e-3},
+                "trainable_params": params, "seconds_per_step": None if params == 0 else 1.5,
+                "losses": [] if params == 0 else list(np.linspace(3, 2, 50))}
+        (run / "run.json").write_text(json.dumps(meta))
+        (run / "scores.json").write_text(json.dumps(scores))
+        return scores
+
+    args = argparse.Namespace(limit=0, probe_steps=100, lrs=[1e-3, 3e-3], dev_limit=0, plot=None)
+    base = put("base", 0, 0, 0.4)
+    text = quality.report(record, args)
+    assert f"{100 * quality.mean_acc(base):.2f}" in text and "no compared method has a scored run" in text
+    assert not (record / "accuracy_vs_params.png").exists() and not (record / "loss_curves.png").exists()
+    moka = put("moka", 0, 1_171_560, 0.5)
+    text = quality.report(record, args)
+    assert "| MoKA r=4, auto shapes | 0.003 | 0 | 1,171,560 | 1.50 |" in text
+    assert f"{100 * quality.mean_acc(moka):.2f}" in text and "no seed of both is scored yet" in text
+    for plot in ("accuracy_vs_params.png", "loss_curves.png"):
+        assert (record / plot).stat().st_size > 1000
+    assert (record / "quality.md").read_text() == text
