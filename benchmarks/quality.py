@@ -233,6 +233,13 @@ def scored(scores: dict, task: str, split: str, limit: int) -> bool:
             and s["n"] == len(questions_of(task, split, limit)))
 
 
+def complete_scores(rec: Path, split: str, limit: int) -> dict | None:
+    """The recorded ``scores.json`` in ``rec`` if every task is scored on ``split`` at ``limit``."""
+    path = rec / "scores.json"
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    return scores if all(scored(scores, t, split, limit) for t in TASKS) else None
+
+
 def stage(dirs: Dirs, rel: str, name: str, seed: int, lr: float, steps: int, split: str, limit: int,
           args) -> dict:
     """Train (or resume) one run and score it, unless its record is complete; returns its run.json."""
@@ -245,8 +252,7 @@ def stage(dirs: Dirs, rel: str, name: str, seed: int, lr: float, steps: int, spl
         meta = json.loads(meta_path.read_text())
         if meta["study"] != study:
             raise SystemExit(f"{rec} was run with {meta['study']}, not {study}: use another --record")
-        scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
-        if all(scored(scores, t, split, limit) for t in TASKS):
+        if complete_scores(rec, split, limit) is not None:
             print(f"== {rel}: recorded", flush=True)
             return meta
     t0 = time.perf_counter()
@@ -300,11 +306,8 @@ def chosen_lr(record: Path, name: str, args) -> float | None:
         return 0.0
     results = []
     for lr in args.lrs:
-        path = record / probe_rel(name, lr) / "scores.json"
-        if not path.exists():
-            return None
-        scores = json.loads(path.read_text())
-        if not all(scored(scores, t, "dev", args.dev_limit) for t in TASKS):
+        scores = complete_scores(record / probe_rel(name, lr), "dev", args.dev_limit)
+        if scores is None:
             return None
         results.append((mean_acc(scores), -lr, lr))
     return max(results)[2]
@@ -392,12 +395,10 @@ def collect(record: Path, limit: int) -> dict:
     found: dict = {}
     root = record / "runs"
     for run_dir in sorted(root.iterdir()) if root.exists() else []:
-        meta_path, scores_path = run_dir / "run.json", run_dir / "scores.json"
-        if not (meta_path.exists() and scores_path.exists()):
-            continue
-        meta = json.loads(meta_path.read_text())
-        scores = json.loads(scores_path.read_text())
-        if all(scored(scores, t, "validation", limit) for t in TASKS):
+        meta_path = run_dir / "run.json"
+        scores = complete_scores(run_dir, "validation", limit)
+        if meta_path.exists() and scores is not None:
+            meta = json.loads(meta_path.read_text())
             found.setdefault(meta["method"], []).append({**meta, "scores": scores})
     for runs in found.values():
         runs.sort(key=lambda r: r["seed"])
@@ -413,10 +414,8 @@ def probe_table(record: Path, args) -> list[str]:
             continue
         cells = []
         for lr in args.lrs:
-            path = record / probe_rel(name, lr) / "scores.json"
-            scores = json.loads(path.read_text()) if path.exists() else {}
-            ok = all(scored(scores, t, "dev", args.dev_limit) for t in TASKS)
-            cells.append(f"{100 * mean_acc(scores):.2f}" if ok else "-")
+            scores = complete_scores(record / probe_rel(name, lr), "dev", args.dev_limit)
+            cells.append("-" if scores is None else f"{100 * mean_acc(scores):.2f}")
         if all(c == "-" for c in cells):
             continue
         any_row = True
