@@ -13,6 +13,13 @@ from moka_ext import reference
 # Heterogeneous groups: all factor (in=24, out=12) differently. The CPU kernel computes the
 # first and last A-first and the middle one B-first (the cheaper order for each; csrc/cpu).
 HETERO = [(2, 3, 4, 4, 6), (1, 12, 2, 1, 12), (3, 2, 6, 6, 4)]
+# One group (in=24, out=12) per path of the CPU kernel: the cheaper order, and whether the
+# factor dimension a token keeps in the batched products (nb A-first, mb B-first) is at most
+# the kernel's expansion limit of 8 (one GEMM on the identity-expanded factor) or above it.
+PATHS = [(3, 2, 6, 6, 4),    # A first, nb=4: expanded
+         (2, 1, 2, 12, 12),  # A first, nb=12: batched
+         (2, 6, 2, 2, 12),   # B first, mb=2: expanded
+         (1, 1, 1, 12, 24)]  # B first, mb=12: batched
 
 
 def grads(fn, *inputs):
@@ -62,7 +69,7 @@ def test_forward_backward_match_reference(case, dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("groups", [[(1, 2, 3, 2, 2)], HETERO], ids=["one", "hetero"])
+@pytest.mark.parametrize("groups", [[(1, 2, 3, 2, 2)], HETERO, PATHS], ids=["one", "hetero", "paths"])
 def test_gradcheck_float64(device, groups):
     x, A, B, g = make_mix((2, 3), groups, device=device, requires_grad=True)
     n = len(A)
@@ -126,10 +133,12 @@ def test_torch_compile_fullgraph(device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_at_most_twice_plain_pytorch(device, dtype):
-    # 4096 -> 4096 would be slow on CPU; 576 = 24*24 is SmolLM2's hidden size. The last group
-    # is computed B-first on CPU, the others A-first. 600 tokens make several tiles (and
-    # thread chunks), each widened to float32 on its own.
-    groups = [(2, 24, 24, 24, 24), (2, 16, 36, 36, 16), (1, 36, 16, 16, 36)]
+    # 4096 -> 4096 would be slow on CPU; 576 = 24*24 is SmolLM2's hidden size. On CPU the
+    # first three groups run batched (A first, A first, B first), the last two expanded (A
+    # first, B first; shapes of the flops cap). 600 tokens make several tiles (and thread
+    # chunks), each widened to float32 on its own.
+    groups = [(2, 24, 24, 24, 24), (2, 16, 36, 36, 16), (1, 36, 16, 16, 36),
+              (1, 4, 144, 144, 4), (1, 144, 4, 4, 144)]
     x64, A64, B64, g64 = make_mix((600,), groups, torch.float64, device=device, requires_grad=True,
                                   generator=torch.Generator().manual_seed(1))
     y64, d64 = grads(reference.kron_mix, x64, A64, B64, g64)
@@ -180,10 +189,10 @@ def test_non_contiguous_inputs(device):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_many_tokens_cross_tiles_and_threads(device, threads):
     # More tokens than one tile (256 at most) and an odd count: tiles, one chunk
-    # of tiles per thread and the short last tile. Each group order, with
-    # its own reduction of the chunks' factor gradients.
-    x, A, B, g = make_mix((1037,), [(4, 8, 8, 8, 8), (1, 16, 2, 4, 32)], torch.float64,
-                          device=device, requires_grad=True)
+    # of tiles per thread and the short last tile. Each group order, expanded and batched
+    # (as PATHS), with its own reduction of the chunks' factor gradients.
+    groups = [(4, 8, 8, 8, 8), (2, 4, 4, 16, 16), (1, 16, 2, 4, 32), (1, 4, 2, 16, 32)]
+    x, A, B, g = make_mix((1037,), groups, torch.float64, device=device, requires_grad=True)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

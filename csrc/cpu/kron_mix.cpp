@@ -22,6 +22,15 @@
 // inputs are widened to float32 tile by tile (at::opmath_type), float64
 // stays float64.
 //
+// The products batched over t are GEMMs as small as the factors, and MKL runs
+// small batched GEMMs slowly. When the factor dimension they keep per token
+// (nb for A first, mb for B first) is at most kExpandLimit, the factor is
+// expanded instead with an identity of that size, E_A = As^T (x) I_nb or
+// E_B = Ac^T (x) I_mb, and the product is one GEMM for all tokens of the tile:
+//     W = X E_A      (n, ma*r*nb), the layout of the batched W
+//     Y += Z E_B     Z read as (n, na*r*mb)
+// It does nb (or mb) times the multiply-adds, in a GEMM MKL runs well.
+//
 // The tile GEMMs are plain ATen calls: inside the parallel region OpenMP runs
 // MKL's nested region on the calling thread, as in ATen's own im2col
 // convolution. (Forcing that with MKL_Set_Num_Threads_Local(1) per thread was
@@ -43,6 +52,25 @@ namespace {
 
 bool a_first(const GroupShape& g) {
   return g.ma * g.nb * (g.na + g.mb) <= g.na * g.mb * (g.nb + g.ma);
+}
+
+// The largest per-token dimension whose batched products run as one expanded
+// GEMM (see the top of the file). Measured on one core of an AMD EPYC (Zen 4)
+// with 256-token tiles: expanded is 3-15x faster at 2-6, about even at 9, and
+// 7-25x slower at 18-36.
+constexpr int64_t kExpandLimit = 8;
+
+// Whether the group's batched products run expanded, and the size of the
+// identity its per-token factor is expanded with (1 when batched, so that the
+// gradient partials of both have the layout of an expanded factor).
+struct Expansion {
+  bool on;
+  int64_t e;
+};
+
+Expansion choose_expansion(const GroupShape& g) {
+  const int64_t narrow = a_first(g) ? g.nb : g.mb;
+  return narrow <= kExpandLimit ? Expansion{true, narrow} : Expansion{false, 1};
 }
 
 // Per-token elements of the group's intermediate (W or Z), and of the
@@ -80,16 +108,19 @@ Tiling tiling(const KronMixShape& s) {
 }
 
 // One group's factors stacked for its two tile GEMMs (see the top of the
-// file), in the accumulation dtype. A first: first = As, second = Bc (gated).
-// B first: first = Bs, second = Ac (gated).
+// file), in the accumulation dtype. A first: first = As, or E_A when expanded;
+// second = Bc (gated). B first: first = Bs; second = Ac (gated), or E_B.
 struct Stacked {
   bool a_first;
+  Expansion expansion;
   at::Tensor first, second;
 };
 
-// Elements of a group's two stacked factors (and of their gradients).
-int64_t stacked_numel(const GroupShape& g) {
-  return g.r * (g.ma * g.na + g.mb * g.nb);
+// Elements of a group's stacked first and second factors (and of their
+// gradients' partials, which have the same layouts).
+std::array<int64_t, 2> stacked_numel(const GroupShape& g) {
+  const int64_t a = g.r * g.ma * g.na, b = g.r * g.mb * g.nb, e = choose_expansion(g).e;
+  return a_first(g) ? std::array<int64_t, 2>{a * e * e, b} : std::array<int64_t, 2>{b, a * e * e};
 }
 
 // A 3-D factor (r, rows, cols) of any strides, read element by element.
@@ -119,8 +150,9 @@ std::vector<Stacked> stack_factors(
     const KronMixShape& s,
     at::ScalarType acc) {
   int64_t total = 0;
-  for (const auto& g : s.groups) total += stacked_numel(g);
-  auto buf = at::empty({total}, gates.options().dtype(acc));
+  for (const auto& g : s.groups) total += stacked_numel(g)[0] + stacked_numel(g)[1];
+  // Zeros: an expanded factor is written only where its identity is 1.
+  auto buf = at::zeros({total}, gates.options().dtype(acc));
   std::vector<Stacked> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gates.scalar_type(), "stack_factors", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -132,15 +164,24 @@ std::vector<Stacked> stack_factors(
       const auto& g = s.groups[j];
       const Factor<scalar_t> a(A[j]), b(B[j]);
       auto gate = [&](int64_t k) { return static_cast<acc_t>(gp[(g.gate_offset + k) * gs]); };
-      const int64_t size_a = g.r * g.ma * g.na, size_b = g.r * g.mb * g.nb;
       const bool af = a_first(g);
-      const int64_t n_first = af ? size_a : size_b;  // As holds A, Bs holds B
+      const Expansion ex = choose_expansion(g);
+      const int64_t e = ex.e;
+      const auto [n_first, n_second] = stacked_numel(g);
       acc_t* first = p + offset;
       acc_t* second = first + n_first;
       if (af) {
-        a.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // As row row*r+k = A_k[row]
-          first[(row * g.r + k) * g.na + col] = static_cast<acc_t>(v);
-        });
+        if (!ex.on) {
+          a.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // As row row*r+k = A_k[row]
+            first[(row * g.r + k) * g.na + col] = static_cast<acc_t>(v);
+          });
+        } else {
+          const int64_t cols = g.ma * g.r * e;  // E_A[col*nb+c, (row*r+k)*nb+c] = A_k[row, col]
+          a.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {
+            for (int64_t c = 0; c < e; ++c)
+              first[(col * e + c) * cols + (row * g.r + k) * e + c] = static_cast<acc_t>(v);
+          });
+        }
         b.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // Bc row k*nb+col = g_k B_k[:, col]
           second[(k * g.nb + col) * g.mb + row] = gate(k) * static_cast<acc_t>(v);
         });
@@ -148,15 +189,29 @@ std::vector<Stacked> stack_factors(
         b.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // Bs row k*mb+row = B_k[row]
           first[(k * g.mb + row) * g.nb + col] = static_cast<acc_t>(v);
         });
-        a.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // Ac column col*r+k = g_k A_k[:, col]
-          second[(row * g.na + col) * g.r + k] = gate(k) * static_cast<acc_t>(v);
-        });
+        if (!ex.on) {
+          a.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {  // Ac column col*r+k = g_k A_k[:, col]
+            second[(row * g.na + col) * g.r + k] = gate(k) * static_cast<acc_t>(v);
+          });
+        } else {
+          const int64_t cols = g.ma * e;  // E_B[(col*r+k)*mb+c, row*mb+c] = g_k A_k[row, col]
+          a.each([&](int64_t k, int64_t row, int64_t col, scalar_t v) {
+            for (int64_t c = 0; c < e; ++c)
+              second[((col * g.r + k) * e + c) * cols + row * e + c] = gate(k) * static_cast<acc_t>(v);
+          });
+        }
       }
       auto first_t = buf.narrow(0, offset, n_first);
-      auto second_t = buf.narrow(0, offset + n_first, size_a + size_b - n_first);
-      out.push_back(af ? Stacked{true, first_t.view({g.ma * g.r, g.na}), second_t.view({g.r * g.nb, g.mb})}
-                       : Stacked{false, first_t.view({g.r * g.mb, g.nb}), second_t.view({g.ma, g.na * g.r})});
-      offset += stacked_numel(g);
+      auto second_t = buf.narrow(0, offset + n_first, n_second);
+      if (af) {
+        out.push_back({true, ex,
+                       ex.on ? first_t.view({g.na * e, g.ma * g.r * e}) : first_t.view({g.ma * g.r, g.na}),
+                       second_t.view({g.r * g.nb, g.mb})});
+      } else {
+        out.push_back({false, ex, first_t.view({g.r * g.mb, g.nb}),
+                       ex.on ? second_t.view({g.na * g.r * e, g.ma * e}) : second_t.view({g.ma, g.na * g.r})});
+      }
+      offset += n_first + n_second;
     }
   });
   return out;
@@ -206,7 +261,12 @@ at::Tensor first_product(const at::Tensor& buf, const at::Tensor& x_tile, const 
   const int64_t n = x_tile.size(0);
   if (f.a_first) {
     auto W = buf.narrow(0, 0, n * g.ma * g.r * g.nb).view({n, g.ma * g.r, g.nb});
-    at::bmm_out(W, f.first.expand({n, g.ma * g.r, g.na}), x_tile.view({n, g.na, g.nb}));
+    if (f.expansion.on) {
+      auto W2 = W.view({n, g.ma * g.r * g.nb});
+      at::mm_out(W2, x_tile, f.first);
+    } else {
+      at::bmm_out(W, f.first.expand({n, g.ma * g.r, g.na}), x_tile.view({n, g.na, g.nb}));
+    }
     return W;
   }
   auto Z = buf.narrow(0, 0, n * g.na * g.r * g.mb).view({n * g.na, g.r * g.mb});
@@ -245,6 +305,8 @@ void forward_into(
         const double beta = j == 0 && !accumulate ? 0.0 : 1.0;
         if (f.a_first) {
           y_acc.view({n * g.ma, g.mb}).addmm_(mid.view({n * g.ma, g.r * g.nb}), f.second, beta);
+        } else if (f.expansion.on) {
+          y_acc.addmm_(mid.view({n, g.na * g.r * g.mb}), f.second, beta);
         } else {
           y_acc.view({n, g.ma, g.mb}).baddbmm_(f.second.expand({n, g.ma, g.na * g.r}), mid, beta);
         }
@@ -300,6 +362,11 @@ at::Tensor kron_mix_add_cpu(
 //   B first:  Z = X_t Bs^T               G_Ac^T += sum_t Z_t dY_t^T (batched)
 //             dZ_t = Ac^T dY_t (batched) G_Bs += dZ^T X (one GEMM)
 //             dX += dZ Bs (one GEMM)
+// Expanded, the batched products are one GEMM each with E_A or E_B:
+//   A first:  dX += dW E_A^T             G_E_A += X^T dW
+//   B first:  dZ = dY E_B^T              G_E_B += Z^T dY
+// and an element of G_As^T (G_Ac^T) is the sum of its identity's diagonal in
+// G_E_A (G_E_B), taken when unstacking.
 // The stacked gradients are unstacked at the end; the gated factor's ungated
 // gradient G_k also gives the gates': dg_k = <G_k, factor_k>.
 // Partials are summed per chunk of tiles and reduced in chunk order, so the
@@ -331,7 +398,7 @@ kron_mix_backward_cpu(
   int64_t per_chunk = 0;
   for (const auto& g : s.groups) {
     offsets.push_back(per_chunk);
-    per_chunk += stacked_numel(g);
+    per_chunk += stacked_numel(g)[0] + stacked_numel(g)[1];
   }
   auto partials = at::zeros({n_chunks, per_chunk}, x.options().dtype(acc));
 
@@ -350,12 +417,13 @@ kron_mix_backward_cpu(
         const int64_t n1 = ops[j].first.numel(), n2 = ops[j].second.numel();
         auto g1 = partials[c].narrow(0, offsets[j], n1);
         auto g2 = partials[c].narrow(0, offsets[j] + n1, n2);
+        const int64_t e = ops[j].expansion.e;
         if (ops[j].a_first) {
-          G1.push_back(g1.view({g.na, g.ma * g.r}));
+          G1.push_back(g1.view({g.na * e, g.ma * g.r * e}));
           G2.push_back(g2.view({g.r * g.nb, g.mb}));
         } else {
           G1.push_back(g1.view({g.r * g.mb, g.nb}));
-          G2.push_back(g2.view({g.na * g.r, g.ma}));
+          G2.push_back(g2.view({g.na * g.r * e, g.ma * e}));
         }
       }
       const int64_t it_begin = c * n_tiles / n_chunks;
@@ -379,19 +447,31 @@ kron_mix_backward_cpu(
             G2[j].addmm_(mid.view({n * g.ma, g.r * g.nb}).t(), dY);
             auto dW = dw_buf.narrow(0, 0, n * rows * cols).view({n * g.ma, g.r * g.nb});
             at::mm_out(dW, dY, f.second.t());
-            auto dW3 = dW.view({n, rows, cols});
-            gx_acc.view({n, g.na, g.nb}).baddbmm_(f.first.t().expand({n, g.na, rows}), dW3, beta);
-            // Transposed, X_t dW_t^T: MKL's batched GEMM is faster that way round.
-            auto per_token = per_token_buf.narrow(0, 0, n * g.na * rows).view({n, g.na, rows});
-            at::bmm_out(per_token, x3, dW3.transpose(1, 2));
-            add_token_sum(G1[j], per_token);
+            if (f.expansion.on) {
+              auto dW2 = dW.view({n, rows * cols});
+              gx_acc.addmm_(dW2, f.first.t(), beta);
+              G1[j].addmm_(x_tile.t(), dW2);
+            } else {
+              auto dW3 = dW.view({n, rows, cols});
+              gx_acc.view({n, g.na, g.nb}).baddbmm_(f.first.t().expand({n, g.na, rows}), dW3, beta);
+              // Transposed, X_t dW_t^T: MKL's batched GEMM is faster that way round.
+              auto per_token = per_token_buf.narrow(0, 0, n * g.na * rows).view({n, g.na, rows});
+              at::bmm_out(per_token, x3, dW3.transpose(1, 2));
+              add_token_sum(G1[j], per_token);
+            }
           } else {
-            auto dY3 = gy_tile.view({n, g.ma, g.mb});
-            auto per_token = per_token_buf.narrow(0, 0, n * rows * g.ma).view({n, rows, g.ma});
-            at::bmm_out(per_token, mid, dY3.transpose(1, 2));
-            add_token_sum(G2[j], per_token);
             auto dZ = dw_buf.narrow(0, 0, n * rows * cols).view({n, rows, cols});
-            at::bmm_out(dZ, f.second.t().expand({n, rows, g.ma}), dY3);
+            if (f.expansion.on) {
+              G2[j].addmm_(mid.view({n, rows * cols}).t(), gy_tile);
+              auto dZ_flat = dZ.view({n, rows * cols});
+              at::mm_out(dZ_flat, gy_tile, f.second.t());
+            } else {
+              auto dY3 = gy_tile.view({n, g.ma, g.mb});
+              auto per_token = per_token_buf.narrow(0, 0, n * rows * g.ma).view({n, rows, g.ma});
+              at::bmm_out(per_token, mid, dY3.transpose(1, 2));
+              add_token_sum(G2[j], per_token);
+              at::bmm_out(dZ, f.second.t().expand({n, rows, g.ma}), dY3);
+            }
             auto dZ2 = dZ.view({n * g.na, g.r * g.mb});
             G1[j].addmm_(dZ2.t(), x3.view({n * g.na, g.nb}));
             gx_acc.view({n * g.na, g.nb}).addmm_(dZ2, f.first, beta);
@@ -425,33 +505,42 @@ kron_mix_backward_cpu(
       scalar_t* pa = ga.mutable_data_ptr<scalar_t>();
       scalar_t* pb = gb.mutable_data_ptr<scalar_t>();
       const Factor<scalar_t> a(A[j]), b(B[j]);
+      const bool af = ops[j].a_first;
+      const int64_t e = ops[j].expansion.e;
       const int64_t g1 = offsets[j], g2 = offsets[j] + ops[j].first.numel();
+      // Element (row, col) of a (rows, cols) partial expanded with an identity
+      // of size e: the sum of the identity's diagonal (e = 1: the element).
+      auto expanded = [&](int64_t base, int64_t row, int64_t col, int64_t cols) {
+        acc_t v = 0;
+        for (int64_t c = 0; c < e; ++c) v += partial(base + (row * e + c) * cols * e + col * e + c);
+        return v;
+      };
+      // The ungated gradients of A_k[row, col] and B_k[row, col]:
+      // A first G_As^T[col, row*r+k] and G_Bc[k*nb+col, row],
+      // B first G_Ac^T[col*r+k, row] and G_Bs[k*mb+row, col].
+      auto grad_a = [&](int64_t k, int64_t row, int64_t col) {
+        return af ? expanded(g1, col, row * g.r + k, g.ma * g.r) : expanded(g2, col * g.r + k, row, g.ma);
+      };
+      auto grad_b = [&](int64_t k, int64_t row, int64_t col) {
+        return af ? partial(g2 + (k * g.nb + col) * g.mb + row) : partial(g1 + (k * g.mb + row) * g.nb + col);
+      };
       for (int64_t k = 0; k < g.r; ++k) {
         const auto gate = static_cast<acc_t>(gp[(g.gate_offset + k) * gates.stride(0)]);
         acc_t dot = 0;  // a local, not an array: the output stores could alias it
-        if (ops[j].a_first) {
-          for (int64_t row = 0; row < g.ma; ++row)  // G_As^T[col, row*r+k]
-            for (int64_t col = 0; col < g.na; ++col)
-              pa[(k * g.ma + row) * g.na + col] =
-                  static_cast<scalar_t>(partial(g1 + col * g.ma * g.r + row * g.r + k));
-          for (int64_t row = 0; row < g.mb; ++row)  // G_Bc[k*nb+col, row]
-            for (int64_t col = 0; col < g.nb; ++col) {
-              const acc_t u = partial(g2 + (k * g.nb + col) * g.mb + row);
-              pb[(k * g.mb + row) * g.nb + col] = static_cast<scalar_t>(gate * u);
-              dot += u * static_cast<acc_t>(b(k, row, col));
-            }
-        } else {
-          for (int64_t row = 0; row < g.mb; ++row)  // G_Bs[k*mb+row, col]
-            for (int64_t col = 0; col < g.nb; ++col)
-              pb[(k * g.mb + row) * g.nb + col] =
-                  static_cast<scalar_t>(partial(g1 + (k * g.mb + row) * g.nb + col));
-          for (int64_t row = 0; row < g.ma; ++row)  // G_Ac^T[col*r+k, row]
-            for (int64_t col = 0; col < g.na; ++col) {
-              const acc_t u = partial(g2 + (col * g.r + k) * g.ma + row);
-              pa[(k * g.ma + row) * g.na + col] = static_cast<scalar_t>(gate * u);
-              dot += u * static_cast<acc_t>(a(k, row, col));
-            }
-        }
+        // The gated factor (B when A goes first, else A) gets gate * U and
+        // gives dg_k = <U_k, factor_k>.
+        for (int64_t row = 0; row < g.ma; ++row)
+          for (int64_t col = 0; col < g.na; ++col) {
+            const acc_t u = grad_a(k, row, col);
+            pa[(k * g.ma + row) * g.na + col] = static_cast<scalar_t>(af ? u : gate * u);
+            if (!af) dot += u * static_cast<acc_t>(a(k, row, col));
+          }
+        for (int64_t row = 0; row < g.mb; ++row)
+          for (int64_t col = 0; col < g.nb; ++col) {
+            const acc_t u = grad_b(k, row, col);
+            pb[(k * g.mb + row) * g.nb + col] = static_cast<scalar_t>(af ? gate * u : u);
+            if (af) dot += u * static_cast<acc_t>(b(k, row, col));
+          }
         dg[g.gate_offset + k] = static_cast<scalar_t>(dot);
       }
       gA.push_back(ga);
