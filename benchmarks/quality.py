@@ -516,7 +516,8 @@ def plot_accuracy(points, path: Path) -> None:
                 va="top", fontsize=8, color="gray")
     # A linear axis in millions: the study's methods span less than a decade (0.8M-4.9M), where a
     # log axis may show no labelled tick at all.
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x else "0"))
+    in_millions = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x else "0")
+    ax.xaxis.set_major_formatter(in_millions)
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("average zero-shot accuracy, 8 tasks (%)")
     ax.set_title("SmolLM2-135M-Instruct, commonsense mix")
