@@ -97,6 +97,7 @@ DEFAULT_RUNS = ",".join([
     "moka:probe", "qlora-r4:probe", "moka:0", "qlora-r4:0", "moka:1", "qlora-r4:1", "moka:2", "qlora-r4:2",
     "qlora:probe", "qlora:0", "qlora:1", "qlora:2",
     "mokas:probe", "mokas:0", "moka-nogate:probe", "moka-nogate:0", "moka-flops:probe", "moka-flops:0",
+    "moka-flops:1",
     "base:0",
 ])
 
